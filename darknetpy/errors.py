@@ -24,8 +24,10 @@ class CfgError(DarknetError):
         self.path, self.line, self.section, self.index, self.key = path, line, section, index, key
         self.message = message
         where = []
-        if path is not None or line is not None:
-            where.append(f"{path or '<cfg>'}:{line if line is not None else '?'}")
+        if line is not None:
+            where.append(f"{path or '<cfg>'}:{line}")
+        elif path is not None:
+            where.append(path)
         if section is not None:
             where.append(f"layer {index} [{section}]" if index is not None else f"[{section}]")
         if key is not None:
