@@ -33,7 +33,9 @@ class Reference:
 
     ``layers[i]`` = (array, stride): ``stride`` None for a full C x H x W (or
     flat) array, else the flat output was sampled every ``stride``-th value.
-    ``impl``: the Darknet that computed it, if known.
+    ``impl``: the Darknet that computed it, if known. ``stats[i]``: statistics
+    of Darknet's FULL output of layer i (``min``, ``max``, ``sum``, ``outputs``),
+    when the case recorded them; they let sampled layers be checked whole.
     """
 
     path: str
@@ -41,6 +43,7 @@ class Reference:
     layers: dict
     impl: str | None = None
     meta: dict = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)
 
 
 def load_reference(path: str | os.PathLike) -> Reference:
@@ -60,14 +63,16 @@ def load_reference(path: str | os.PathLike) -> Reference:
         if not os.path.isfile(npz_path):
             raise ReferenceDataError(f"{path}: case.json without outputs.npz")
         npz = np.load(npz_path)
-        layers = {}
+        layers, stats = {}, {}
         for rec in meta.get("layers", []):
             key = f"layer_{rec['index']:03d}"
             if key in npz.files:
                 stride = rec.get("stride") if rec.get("stored") == "sampled" else None
                 layers[rec["index"]] = (npz[key], stride)
+            if rec.get("finite") and all(k in rec for k in ("min", "max", "sum", "outputs")):
+                stats[rec["index"]] = {k: rec[k] for k in ("min", "max", "sum", "outputs")}
         return Reference(path=path, input=npz["input"], layers=layers, impl=meta.get("impl"),
-                         meta=meta)
+                         meta=meta, stats=stats)
     input_path = os.path.join(path, "input.npy")
     if not os.path.isfile(input_path):
         raise ReferenceDataError(f"{path}: neither case.json nor input.npy found")
@@ -134,9 +139,14 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-def compare(ours: np.ndarray, ref: np.ndarray, stride: int | None, atol: float, rtol: float
-            ) -> tuple[float, float, float, bool]:
-    """(max_abs, max_rel, tolerance, ok) of ``ours`` (full layer output) against ``ref``."""
+def compare(ours: np.ndarray, ref: np.ndarray, stride: int | None, atol: float, rtol: float,
+            stats: dict | None = None) -> tuple[float, float, float, bool]:
+    """(max_abs, max_rel, tolerance, ok) of ``ours`` (full layer output) against ``ref``.
+
+    With ``stats`` (Darknet's full-output min, max, sum, outputs), the
+    differences of our min, max and mean count too, so a sampled layer is
+    checked over all its values, not only the samples.
+    """
     flat = ours.reshape(-1)
     if stride is not None:
         flat = flat[::stride]
@@ -148,6 +158,13 @@ def compare(ours: np.ndarray, ref: np.ndarray, stride: int | None, atol: float, 
     both_nan = np.isnan(ours64) & np.isnan(ref64)
     diff = np.where(both_nan, 0.0, np.abs(ours64 - ref64))
     max_abs = float(np.max(diff)) if diff.size else 0.0
+    full = ours.reshape(-1)
+    if stats is not None and full.size == stats["outputs"] and full.size:
+        full64 = full.astype(np.float64)
+        scale = max(scale, abs(stats["min"]), abs(stats["max"]))
+        max_abs = max(max_abs, abs(float(full64.min()) - stats["min"]),
+                      abs(float(full64.max()) - stats["max"]),
+                      abs(float(full64.mean()) - stats["sum"] / stats["outputs"]))
     if np.isnan(max_abs):
         max_abs = float("inf")
     tol = atol + rtol * scale
@@ -186,7 +203,8 @@ def verify_model(model, reference: Reference, *, atol: float = DEFAULT_ATOL,
                 continue
             ref, stride = reference.layers[i]
             ours = out[0].float().cpu().numpy()
-            max_abs, max_rel, tol, ok = compare(ours, ref, stride, atol, rtol)
+            max_abs, max_rel, tol, ok = compare(ours, ref, stride, atol, rtol,
+                                                reference.stats.get(i))
             compared += 1
             rows.append(LayerDiff(i, spec.type, spec.out_shape, max_abs, max_rel, tol, ok,
                                   "sampled" if stride else "full"))
