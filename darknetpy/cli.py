@@ -69,6 +69,108 @@ def cmd_verify(args) -> int:
     return 0 if report.ok else 1
 
 
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+def expand_images(items: list[str]) -> list[str]:
+    """Image arguments -> image paths: files as given, directories (their image files,
+    sorted), and ``.txt`` files listing one image per line (as Darknet's train/valid lists)."""
+    import os
+    paths = []
+    for item in items:
+        if os.path.isdir(item):
+            paths += sorted(os.path.join(item, f) for f in os.listdir(item)
+                            if f.lower().endswith(IMAGE_EXTS))
+        elif item.lower().endswith(".txt") and os.path.isfile(item):
+            with open(item) as f:
+                paths += [line.strip() for line in f if line.strip()]
+        else:
+            paths.append(item)
+    return paths
+
+
+def _resolve_model(args) -> tuple[str, str | None, list[str]]:
+    """(cfg, weights, images) from ``CFG WEIGHTS IMAGE...`` or ``NAME IMAGE...``."""
+    import os
+    first, rest = args.inputs[0], args.inputs[1:]
+    if not os.path.exists(first) and not first.endswith(".cfg"):
+        from .zoo import resolve_model
+        cfg, weights = resolve_model(first)
+        return os.fspath(cfg), os.fspath(weights), rest
+    if len(rest) < 2:
+        raise DarknetError("usage: darknetpy detect CFG WEIGHTS IMAGE... "
+                           "(or darknetpy detect MODEL_NAME IMAGE...)")
+    return first, rest[0], rest[1:]
+
+
+def _out_path(out: str, image: str, many: bool) -> str:
+    import os
+    if not many:
+        return out
+    stem, ext = os.path.splitext(out)
+    return f"{stem}_{os.path.splitext(os.path.basename(image))[0]}{ext or '.jpg'}"
+
+
+def cmd_detect(args) -> int:
+    import time
+
+    from tqdm import tqdm
+
+    from .detect import Detector, format_lines, load_names, to_json
+    from .draw import draw_detections, save_jpeg
+    from .errors import ImageError
+    from .image import load_image
+    from .model import load
+    cfg, weights, items = _resolve_model(args)
+    images = expand_images(items)
+    if not images:
+        raise DarknetError("no images given")
+    model = load(cfg, weights, profile=args.profile, width=args.width, height=args.height,
+                 device=args.device, tree=args.tree)
+    classes = model.specs[model.heads[-1]].classes if model.heads else 0
+    names = load_names(args.names, args.data, classes) if (args.names or args.data) else None
+    detector = Detector(model, names=names, thresh=args.thresh, hier=args.hier, nms=args.nms,
+                        letterbox=args.letterbox)
+    results, failed = [], []
+    many = len(images) > 1
+    bar = tqdm(total=len(images), unit="img", disable=not many, leave=False)
+    for start in range(0, len(images), args.batch_size):
+        batch, paths = [], []
+        for path in images[start:start + args.batch_size]:
+            try:
+                batch.append(load_image(path))
+                paths.append(path)
+            except ImageError as e:
+                failed.append(path)
+                tqdm.write(f"darknetpy: error: {e}", file=sys.stderr)
+        if not batch:
+            bar.update(len(images[start:start + args.batch_size]))
+            continue
+        t0 = time.perf_counter()
+        batch_results = detector.detect_tensors(batch, paths)
+        ms = (time.perf_counter() - t0) * 1000 / len(batch)
+        for im, res in zip(batch, batch_results):
+            tqdm.write(f"{res.path}: Predicted in {ms:.3f} milli-seconds.")
+            for line in format_lines(res, args.ext_output):
+                tqdm.write(line)
+            if args.out:
+                from PIL import Image
+                with Image.open(res.path) as pil:
+                    drawn = draw_detections(pil, res, classes)
+                save_jpeg(drawn, _out_path(args.out, res.path, many))
+            results.append(res)
+        bar.update(len(images[start:start + args.batch_size]))
+    bar.close()
+    if args.json:
+        from .weights import atomic_write
+        atomic_write(args.json, to_json(results).encode())
+    if failed:
+        print(f"darknetpy: {len(failed)} of {len(images)} images failed: {', '.join(failed)}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     parser = argparse.ArgumentParser(
@@ -93,6 +195,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accept a weights file longer than the cfg needs")
     _add_device(p)
     p.set_defaults(func=cmd_dump)
+
+    p = sub.add_parser("detect", help="detect objects like ./darknet detect",
+                       description="darknetpy detect CFG WEIGHTS IMAGE... | MODEL_NAME IMAGE... "
+                       "(images, directories, or .txt lists of images)")
+    p.add_argument("inputs", nargs="+", metavar="ARG",
+                   help="CFG WEIGHTS IMAGE... or MODEL_NAME IMAGE...")
+    names = p.add_mutually_exclusive_group()
+    names.add_argument("--names", help="class names file, one per line")
+    names.add_argument("--data", help="Darknet .data file with names=")
+    p.add_argument("--thresh", type=float, help="probability threshold "
+                   "(default: pjreddie 0.5, alexeyab 0.25)")
+    p.add_argument("--hier", type=float, default=0.5, help="hierarchy threshold (default 0.5)")
+    p.add_argument("--nms", type=float, default=0.45, help="NMS IoU threshold (default 0.45)")
+    p.add_argument("--letterbox", action=argparse.BooleanOptionalAction, default=None,
+                   help="letterbox the image (default: pjreddie yes; alexeyab per cfg)")
+    p.add_argument("--profile", choices=("pjreddie", "alexeyab"),
+                   help="which Darknet to follow (default: chosen from the cfg)")
+    p.add_argument("--width", type=int, help="override [net] width")
+    p.add_argument("--height", type=int, help="override [net] height")
+    p.add_argument("--tree", help=".tree file for tree= options")
+    p.add_argument("--out", default="predictions.jpg",
+                   help="picture with the boxes drawn (default predictions.jpg; '' for none)")
+    p.add_argument("--ext-output", action="store_true",
+                   help="also print box positions in pixels (AlexeyAB -ext_output)")
+    p.add_argument("--json", help="write AlexeyAB-style JSON results to this file")
+    p.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
+    _add_device(p)
+    p.set_defaults(func=cmd_detect)
 
     p = sub.add_parser("verify", help="compare every layer with reference Darknet outputs")
     _add_model_args(p)
