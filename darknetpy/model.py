@@ -234,11 +234,37 @@ class Darknet(nn.Module):
         from .summary import summary
         return summary(self.arch)
 
+    def detect(self, image, *, thresh: float | None = None, hier: float = 0.5,
+               nms: float = 0.45, letterbox: bool | None = None,
+               names: list[str] | None = None) -> list:
+        """Detect objects in one image like ``./darknet detect``.
+
+        ``image``: a path, PIL image or uint8 HWC RGB array. ``thresh`` defaults
+        to the profile's (pjreddie 0.5, alexeyab 0.25); ``letterbox`` to the
+        profile's. Returns :class:`darknetpy.detect.Detection` rows (class id,
+        name, prob, objectness, box relative (cx, cy, w, h) and in pixels) in
+        Darknet's print order.
+
+        Raises:
+            ImageError: unreadable image. DarknetError: not a detector.
+        """
+        from .detect import Detector
+        detector = Detector(self, names=names, thresh=thresh, hier=hier, nms=nms,
+                            letterbox=letterbox)
+        return detector.detect(image)[0].detections
+
+    def classify(self, image, top: int = 5, *, names: list[str] | None = None,
+                 letterbox: bool | None = None) -> list[tuple[int, str, float]]:
+        """Top-``top`` classes like ``./darknet classifier predict``:
+        ``[(class_id, name, prob 0..1)]`` best first (see :func:`darknetpy.classify.classify`)."""
+        from .classify import classify
+        return classify(self, image, top, names, letterbox)
+
 
 def load(cfg: str | os.PathLike, weights: str | os.PathLike | None = None, *,
          profile: str | None = None, width: int | None = None, height: int | None = None,
          device: str | torch.device = "cpu", tree: str | None = None,
-         allow_trailing_bytes: bool = False) -> Darknet:
+         allow_trailing_bytes: bool = False, arithmetic: str = "torch") -> Darknet:
     """Build a Darknet network from a cfg and optionally load its ``.weights``.
 
     >>> model = load("cfg/yolov3-tiny.cfg", width=224, height=224)   # doctest: +SKIP
