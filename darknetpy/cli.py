@@ -171,6 +171,43 @@ def cmd_detect(args) -> int:
     return 0
 
 
+def cmd_classify(args) -> int:
+    from tqdm import tqdm
+
+    from .classify import format_top, predictions, top_k
+    from .detect import load_names
+    from .errors import ImageError
+    from .image import load_image
+    from .model import load
+    cfg, weights, items = _resolve_model(args)
+    images = expand_images(items)
+    if not images:
+        raise DarknetError("no images given")
+    model = load(cfg, weights, profile=args.profile, width=args.width, height=args.height,
+                 device=args.device, tree=args.tree)
+    out_c, out_h, out_w = model.specs[-1].out_shape
+    names = load_names(args.names, args.data, out_c * out_h * out_w)
+    failed = []
+    for path in tqdm(images, unit="img", disable=len(images) < 2, leave=False):
+        try:
+            im = load_image(path)
+        except ImageError as e:
+            failed.append(path)
+            tqdm.write(f"darknetpy: error: {e}", file=sys.stderr)
+            continue
+        values = predictions(model, [im], args.letterbox)[0].tolist()
+        rows = [(i, names[i] if i < len(names) else f"class_{i}", values[i])
+                for i in top_k(values, args.top)]
+        tqdm.write(f"{path}:")
+        for line in format_top(rows):
+            tqdm.write(line)
+    if failed:
+        print(f"darknetpy: {len(failed)} of {len(images)} images failed: {', '.join(failed)}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     parser = argparse.ArgumentParser(
@@ -223,6 +260,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
     _add_device(p)
     p.set_defaults(func=cmd_detect)
+
+    p = sub.add_parser("classify", help="classify images like ./darknet classifier predict",
+                       description="darknetpy classify CFG WEIGHTS IMAGE... | MODEL_NAME IMAGE...")
+    p.add_argument("inputs", nargs="+", metavar="ARG",
+                   help="CFG WEIGHTS IMAGE... or MODEL_NAME IMAGE...")
+    names = p.add_mutually_exclusive_group()
+    names.add_argument("--names", help="class names file, one per line")
+    names.add_argument("--data", help="Darknet .data file with names=")
+    p.add_argument("--top", type=int, default=5, help="how many classes to print (default 5)")
+    p.add_argument("--letterbox", action=argparse.BooleanOptionalAction, default=None,
+                   help="letterbox the image (default: pjreddie yes, alexeyab no)")
+    p.add_argument("--profile", choices=("pjreddie", "alexeyab"),
+                   help="which Darknet to follow (default: chosen from the cfg)")
+    p.add_argument("--width", type=int, help="override [net] width")
+    p.add_argument("--height", type=int, help="override [net] height")
+    p.add_argument("--tree", help=".tree file for tree= options")
+    _add_device(p)
+    p.set_defaults(func=cmd_classify)
 
     p = sub.add_parser("verify", help="compare every layer with reference Darknet outputs")
     _add_model_args(p)
