@@ -3,9 +3,9 @@ with Pillow.
 
 Per box with some class above thresh: the colour of its first class from
 Darknet's ``get_color`` palette (offset ``class*123457 % classes``), an outline
-``int(im.h * .006)`` pixels wide, and a label with the class names joined by
-", " on a filled box of the same colour, text in black, height about
-``im.h * .03``.
+``int(im.h * .006)`` pixels wide (AlexeyAB ``draw_detections_v3``: ``.002``), and a
+label with the class names joined by ", " (AlexeyAB: ``name: 0.88``) on a filled
+box of the same colour, text in black, height about ``im.h * .03``.
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def draw_detections(image: Image.Image, result, classes: int) -> Image.Image:
     im = image.convert("RGB")
     draw = ImageDraw.Draw(im)
     w, h = im.size
-    width = max(int(h * .006), 1)
+    width = max(int(h * (.006 if result.profile == "pjreddie" else .002)), 1)
     font = ImageFont.load_default(size=max(int(h * .03), 10))
     boxes: dict[tuple, list] = {}
     for d in result.detections:  # group the rows of one box (same box, several classes)
@@ -58,7 +58,10 @@ def draw_detections(image: Image.Image, result, classes: int) -> Image.Image:
         for i in range(width):
             draw.rectangle((left + i, top + i, max(right - i, left + i), max(bot - i, top + i)),
                            outline=color)
-        label = ", ".join(d.name for d in sorted(rows, key=lambda d: d.class_id))
+        if result.profile == "pjreddie":
+            label = ", ".join(d.name for d in sorted(rows, key=lambda d: d.class_id))
+        else:
+            label = ", ".join(f"{d.name}: {d.prob:.2f}" for d in rows)
         tl, tt, tr, tb = draw.textbbox((0, 0), label, font=font)
         th = tb - tt + 2 * width
         ty = top - th if top - th >= 0 else top + width
