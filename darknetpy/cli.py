@@ -208,6 +208,13 @@ def cmd_classify(args) -> int:
     return 0
 
 
+def cmd_download(args) -> int:
+    from .zoo import download
+    for name in args.names:
+        print(download(name, progress=not args.quiet))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     parser = argparse.ArgumentParser(
@@ -278,6 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tree", help=".tree file for tree= options")
     _add_device(p)
     p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser("download", help="fetch official weights into the cache")
+    p.add_argument("names", nargs="+", metavar="NAME", help="model name, e.g. yolov4-tiny")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_download)
 
     p = sub.add_parser("verify", help="compare every layer with reference Darknet outputs")
     _add_model_args(p)
