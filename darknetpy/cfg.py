@@ -49,7 +49,7 @@ TRAINING_KEYS: dict[str, frozenset[str]] = {
         "badlabels_rejection_percentage", "equidistant_point", "inputs", "notruth",
         "max_chart_loss", "wait_stream", "center", "clip", "policy_steps", "hue_jitter",
     }),
-    "convolutional": frozenset({"flipped", "assisted_excitation", "stretch", "stretch_sway",
+    "convolutional": frozenset({"assisted_excitation", "stretch", "stretch_sway",
                                 "rotate", "sway", "deform", "coordconv", "bin_output",
                                 "share_index"}),
     "connected": frozenset(),

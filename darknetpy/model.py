@@ -90,6 +90,10 @@ def parse_architecture(cfg: str | os.PathLike | list[Section], *, profile: str |
     else:
         path = os.fspath(cfg)
         sections = read_cfg(path)
+    for sec in sections[1:]:
+        # unknown/unsupported section types first: recurrent cfgs ([rnn], [gru], [lstm],
+        # [crnn]) give no [net] width/height, and that error would hide the real reason
+        spec_for_section(sec)
     net = NetSpec.from_section(sections[0], width=width, height=height)
     shape = (net.channels, net.height, net.width)
     specs: list[LayerSpec] = []

@@ -103,12 +103,17 @@ class ConvolutionalSpec(LayerSpec):
             padding = size // 2
         groups = positive(sec, "groups", sec.int("groups", 1))
         dilation = positive(sec, "dilation", sec.int("dilation", 1))
+        if size == 1:  # parser.c parse_convolutional: `if (size == 1) dilation = 1;`
+            dilation = 1
         antialiasing = sec.int("antialiasing", 0)
         check(antialiasing in (0, 1, 2), sec, "must be 0, 1 or 2", "antialiasing")
         check(c % groups == 0, sec, f"input channels {c} not divisible by groups {groups}",
               "groups")
         check(filters % groups == 0, sec, f"filters {filters} not divisible by groups {groups}",
               "groups")
+        if sec.int("flipped", 0):
+            raise sec.error("flipped=1 (weights stored transposed) is not supported by "
+                            "darknetpy", "flipped")
         if sec.int("xnor", 0) or sec.int("binary", 0):
             raise sec.error("XNOR/binary convolutions are not supported by darknetpy", "xnor")
         activation = activation_name(sec, "logistic")

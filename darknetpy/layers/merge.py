@@ -262,10 +262,14 @@ class ScaleChannelsSpec(LayerSpec):
         scale_wh = bool(sec.int("scale_wh", 0))
         c, h, w = ctx.shapes[ref]
         pc, ph, pw = ctx.in_shape
+        # make_scale_channels_layer: assert(w == 1 && h == 1) / scale_wh: assert(c == 1)
         if scale_wh:
+            check(pc == 1, sec, f"previous layer has {pc} channels; scale_wh needs 1", "from")
             check((ph, pw) == (h, w), sec, f"previous layer is {ph}x{pw}, layer {ref} is "
                   f"{h}x{w}: scale_wh needs equal sizes", "from")
         else:
+            check((ph, pw) == (1, 1), sec, f"previous layer is {ph}x{pw}; scale_channels "
+                  "needs a 1x1 (C, 1, 1) scale", "from")
             check(pc == c, sec, f"previous layer has {pc} channels, layer {ref} has {c}", "from")
         return cls(**cls.base_fields(sec, ctx, (c, h, w), [ref]), scale_wh=scale_wh,
                    activation=activation_name(sec, "linear"))

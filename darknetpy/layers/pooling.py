@@ -297,6 +297,10 @@ class _ReorgBase(LayerSpec):
                 raise sec.error(f"[{sec.type}] {key}=1 is not supported by darknetpy", key)
         if reverse:
             check(c % (s * s) == 0, sec, f"channels {c} not divisible by stride^2", "stride")
+            if cls is Reorg3dSpec:  # AlexeyAB's reorg_cpu gets C/s^2 and divides by s^2 again
+                check(c % (s ** 4) == 0, sec, f"channels {c} not divisible by stride^4 "
+                      "(AlexeyAB's reverse [reorg3d]: Darknet would divide by zero or read "
+                      "out of bounds)", "reverse")
             out = (c // (s * s), h * s, w * s)
         else:
             check(h % s == 0 and w % s == 0, sec,
@@ -339,16 +343,28 @@ class Reorg(LayerModule):
     def forward(self, x: Tensor, refs: list[Tensor]) -> Tensor:
         n, c, h, w = x.shape
         s = self.s
-        if self.reverse:  # reorg_cpu(forward=1): out[c2, j*s+dy, i*s+dx] = x[(dy*s+dx)*C'+c2, j, i]
-            x = x.reshape(n, s, s, c // (s * s), h, w)            # (N, dy, dx, C', H, W)
-            x = x.permute(0, 3, 4, 1, 5, 2)                       # (N, C', H, dy, W, dx)
+        if self.reverse and self.space_to_depth:
+            # AlexeyAB reorg_cpu(input, out_w, out_h, out_c, ..., forward=1): the input is
+            # read with the OUTPUT dims (C/s², H*s, W*s), then depth-to-space'd again
+            x = _depth_to_space(x.reshape(n, c // (s * s), h * s, w * s), s)
             return x.reshape(n, c // (s * s), h * s, w * s)
+        if self.reverse:
+            return _depth_to_space(x, s)
         if self.space_to_depth:
             x = x.reshape(n, c, h // s, s, w // s, s)             # (N, C, H/s, dy, W/s, dx)
         else:
             x = x.reshape(n, c // (s * s), h, s, w, s)            # memory read as (C/s², H, s, W, s)
         x = x.permute(0, 3, 5, 1, 2, 4)                           # (N, s, s, C', H', W')
         return x.reshape(n, c * s * s, h // s, w // s)
+
+
+def _depth_to_space(x: Tensor, s: int) -> Tensor:
+    """reorg_cpu(forward=1) with x's dims: out[c2, j*s+dy, i*s+dx] = x[(dy*s+dx)*C'+c2, j, i];
+    (N, C, H, W) -> (N, C/s², H*s, W*s)."""
+    n, c, h, w = x.shape
+    x = x.reshape(n, s, s, c // (s * s), h, w)                # (N, dy, dx, C', H, W)
+    x = x.permute(0, 3, 4, 1, 5, 2)                           # (N, C', H, dy, W, dx)
+    return x.reshape(n, c // (s * s), h * s, w * s)
 
 
 @register("reorg3d")
