@@ -111,6 +111,50 @@ def _out_path(out: str, image: str, many: bool) -> str:
     return f"{stem}_{os.path.splitext(os.path.basename(image))[0]}{ext or '.jpg'}"
 
 
+def _model_and_images(args):
+    """(model, image paths) for detect and classify."""
+    from .model import load
+    cfg, weights, items = _resolve_model(args)
+    images = expand_images(items)
+    if not images:
+        raise DarknetError("no images given")
+    model = load(cfg, weights, profile=args.profile, width=args.width, height=args.height,
+                 device=args.device, tree=args.tree)
+    return model, images
+
+
+def _image_batches(images: list[str], batch_size: int, failed: list[str]):
+    """Yield (decoded images, paths) batches with a progress bar; an unreadable image is
+    reported by name, added to ``failed`` and skipped."""
+    from tqdm import tqdm
+
+    from .errors import ImageError
+    from .image import load_image
+    bar = tqdm(total=len(images), unit="img", disable=len(images) < 2, leave=False)
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        batch, paths = [], []
+        for path in chunk:
+            try:
+                batch.append(load_image(path))
+                paths.append(path)
+            except ImageError as e:
+                failed.append(path)
+                tqdm.write(f"darknetpy: error: {e}", file=sys.stderr)
+        if batch:
+            yield batch, paths
+        bar.update(len(chunk))
+    bar.close()
+
+
+def _failures(failed: list[str], total: int) -> int:
+    if failed:
+        print(f"darknetpy: {len(failed)} of {total} images failed: {', '.join(failed)}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_detect(args) -> int:
     import time
 
@@ -118,38 +162,17 @@ def cmd_detect(args) -> int:
 
     from .detect import Detector, format_lines, load_names, to_json
     from .draw import draw_detections, save_jpeg
-    from .errors import ImageError
-    from .image import load_image
-    from .model import load
-    cfg, weights, items = _resolve_model(args)
-    images = expand_images(items)
-    if not images:
-        raise DarknetError("no images given")
-    model = load(cfg, weights, profile=args.profile, width=args.width, height=args.height,
-                 device=args.device, tree=args.tree)
+    model, images = _model_and_images(args)
     classes = model.specs[model.heads[-1]].classes if model.heads else 0
     names = load_names(args.names, args.data, classes) if (args.names or args.data) else None
     detector = Detector(model, names=names, thresh=args.thresh, hier=args.hier, nms=args.nms,
                         letterbox=args.letterbox)
     results, failed = [], []
-    many = len(images) > 1
-    bar = tqdm(total=len(images), unit="img", disable=not many, leave=False)
-    for start in range(0, len(images), args.batch_size):
-        batch, paths = [], []
-        for path in images[start:start + args.batch_size]:
-            try:
-                batch.append(load_image(path))
-                paths.append(path)
-            except ImageError as e:
-                failed.append(path)
-                tqdm.write(f"darknetpy: error: {e}", file=sys.stderr)
-        if not batch:
-            bar.update(len(images[start:start + args.batch_size]))
-            continue
+    for batch, paths in _image_batches(images, args.batch_size, failed):
         t0 = time.perf_counter()
         batch_results = detector.detect_tensors(batch, paths)
         ms = (time.perf_counter() - t0) * 1000 / len(batch)
-        for im, res in zip(batch, batch_results):
+        for res in batch_results:
             tqdm.write(f"{res.path}: Predicted in {ms:.3f} milli-seconds.")
             for line in format_lines(res, args.ext_output):
                 tqdm.write(line)
@@ -157,18 +180,12 @@ def cmd_detect(args) -> int:
                 from PIL import Image
                 with Image.open(res.path) as pil:
                     drawn = draw_detections(pil, res, classes)
-                save_jpeg(drawn, _out_path(args.out, res.path, many))
+                save_jpeg(drawn, _out_path(args.out, res.path, len(images) > 1))
             results.append(res)
-        bar.update(len(images[start:start + args.batch_size]))
-    bar.close()
     if args.json:
         from .weights import atomic_write
         atomic_write(args.json, to_json(results).encode())
-    if failed:
-        print(f"darknetpy: {len(failed)} of {len(images)} images failed: {', '.join(failed)}",
-              file=sys.stderr)
-        return 1
-    return 0
+    return _failures(failed, len(images))
 
 
 def cmd_classify(args) -> int:
@@ -176,36 +193,19 @@ def cmd_classify(args) -> int:
 
     from .classify import format_top, predictions, top_k
     from .detect import load_names
-    from .errors import ImageError
-    from .image import load_image
-    from .model import load
-    cfg, weights, items = _resolve_model(args)
-    images = expand_images(items)
-    if not images:
-        raise DarknetError("no images given")
-    model = load(cfg, weights, profile=args.profile, width=args.width, height=args.height,
-                 device=args.device, tree=args.tree)
+    model, images = _model_and_images(args)
     out_c, out_h, out_w = model.specs[-1].out_shape
     names = load_names(args.names, args.data, out_c * out_h * out_w)
-    failed = []
-    for path in tqdm(images, unit="img", disable=len(images) < 2, leave=False):
-        try:
-            im = load_image(path)
-        except ImageError as e:
-            failed.append(path)
-            tqdm.write(f"darknetpy: error: {e}", file=sys.stderr)
-            continue
-        values = predictions(model, [im], args.letterbox)[0].tolist()
-        rows = [(i, names[i] if i < len(names) else f"class_{i}", values[i])
-                for i in top_k(values, args.top)]
-        tqdm.write(f"{path}:")
-        for line in format_top(rows):
-            tqdm.write(line)
-    if failed:
-        print(f"darknetpy: {len(failed)} of {len(images)} images failed: {', '.join(failed)}",
-              file=sys.stderr)
-        return 1
-    return 0
+    failed: list[str] = []
+    for batch, paths in _image_batches(images, args.batch_size, failed):
+        for path, probs in zip(paths, predictions(model, batch, args.letterbox)):
+            values = probs.tolist()
+            rows = [(i, names[i] if i < len(names) else f"class_{i}", values[i])
+                    for i in top_k(values, args.top)]
+            tqdm.write(f"{path}:")
+            for line in format_top(rows):
+                tqdm.write(line)
+    return _failures(failed, len(images))
 
 
 def cmd_download(args) -> int:
@@ -276,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     names.add_argument("--names", help="class names file, one per line")
     names.add_argument("--data", help="Darknet .data file with names=")
     p.add_argument("--top", type=int, default=5, help="how many classes to print (default 5)")
+    p.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
     p.add_argument("--letterbox", action=argparse.BooleanOptionalAction, default=None,
                    help="letterbox the image (default: pjreddie yes, alexeyab no)")
     p.add_argument("--profile", choices=("pjreddie", "alexeyab"),

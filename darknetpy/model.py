@@ -160,6 +160,7 @@ class Darknet(nn.Module):
         self.layers = nn.ModuleList(spec.build(arch.profile) for spec in arch.specs)
         self._refs = [list(spec.refs) for spec in arch.specs]
         self.heads = arch.heads
+        self._head_set = frozenset(self.heads)
         needed = {j for refs in self._refs for j in refs} | set(self.heads)
         self._keep = [i in needed for i in range(len(arch.specs))]
         self.weights_header = None
@@ -190,15 +191,13 @@ class Darknet(nn.Module):
             raise InputError(f"expected a float tensor in 0..1, got {x.dtype}")
 
     def forward(self, x: Tensor):
-        self.check_input(x)
-        saved: dict[int, Tensor] = {}
-        for i, layer in enumerate(self.layers):
-            x = layer(x, [saved[j] for j in self._refs[i]])
-            if self._keep[i]:
-                saved[i] = x
+        heads = {}
+        for i, out in self.iter_layers(x):
+            if i in self._head_set:
+                heads[i] = out
         if self.heads:
-            return tuple(saved[i] for i in self.heads)
-        return x
+            return tuple(heads[i] for i in self.heads)
+        return out
 
     def forward_all(self, x: Tensor) -> list[Tensor]:
         """Every layer's output in cfg order, ``outs[i]`` of shape (N, *specs[i].out_shape)."""
