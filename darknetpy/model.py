@@ -214,6 +214,24 @@ class Darknet(nn.Module):
                 saved[i] = x
             yield i, x
 
+    def set_arithmetic(self, mode: str) -> "Darknet":
+        """Choose how layers with a gemm ([convolutional], [connected]) compute it.
+
+        ``"torch"`` (default): torch's conv/linear kernels — fast, equal to
+        Darknet's results to float32 rounding. ``"darknet"``: Darknet's CPU gemm
+        order (sequential float32 multiply-then-add over k, :mod:`darknetpy.gemm`)
+        — much slower, matches Darknet mostly bit for bit. Returns ``self``.
+
+        Raises:
+            ValueError: unknown mode.
+        """
+        from .gemm import check_arithmetic
+        check_arithmetic(mode)
+        for layer in self.layers:
+            if hasattr(layer, "arithmetic"):
+                layer.arithmetic = mode
+        return self
+
     def darknet_params(self):
         """(layer index, spec, name, tensor) for every parameter block, in ``.weights`` order."""
         for i, (spec, layer) in enumerate(zip(self.arch.specs, self.layers)):
@@ -284,6 +302,7 @@ def load(cfg: str | os.PathLike, weights: str | os.PathLike | None = None, *,
         device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
         tree: path of a ``.tree`` file for ``tree=`` options.
         allow_trailing_bytes: accept a weights file longer than the cfg needs.
+        arithmetic: ``"torch"`` or ``"darknet"`` (see :meth:`Darknet.set_arithmetic`).
 
     Returns:
         A :class:`Darknet` module in eval mode on ``device``.
@@ -291,9 +310,11 @@ def load(cfg: str | os.PathLike, weights: str | os.PathLike | None = None, *,
     Raises:
         CfgError, WeightsError, DeviceError: bad cfg, weights or device.
     """
+    from .gemm import check_arithmetic
+    check_arithmetic(arithmetic)
     dev = resolve_device(device)
     arch = parse_architecture(cfg, profile=profile, width=width, height=height, tree=tree)
-    model = Darknet(arch)
+    model = Darknet(arch).set_arithmetic(arithmetic)
     if weights is not None:
         model.load_weights(weights, allow_trailing_bytes=allow_trailing_bytes)
     return model.eval().requires_grad_(False).to(dev)

@@ -213,11 +213,13 @@ def verify_model(model, reference: Reference, *, atol: float = DEFAULT_ATOL,
 
 def verify(cfg, weights, reference_dir, *, profile: str | None = None,
            atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL, device="cpu",
-           tree: str | None = None) -> VerifyReport:
+           tree: str | None = None, arithmetic: str = "torch") -> VerifyReport:
     """Load ``cfg`` + ``weights`` and compare every layer with ``reference_dir``.
 
     The profile defaults to the case's ``impl`` (for a case directory), else
     is chosen from the cfg. The model is built at the reference input's size.
+    ``arithmetic="darknet"`` computes convolutions in Darknet's gemm order
+    (see :meth:`darknetpy.model.Darknet.set_arithmetic`): slower, closer.
 
     >>> report = verify("model.cfg", "model.weights", "cases/yolov3_dog")  # doctest: +SKIP
     >>> report.ok                                                         # doctest: +SKIP
@@ -227,7 +229,7 @@ def verify(cfg, weights, reference_dir, *, profile: str | None = None,
     ref = load_reference(reference_dir)
     c, h, w = ref.input.shape
     model = load(cfg, weights, profile=profile or ref.impl, width=w, height=h, device=device,
-                 tree=tree)
+                 tree=tree, arithmetic=arithmetic)
     return verify_model(model, ref, atol=atol, rtol=rtol)
 
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import gemm
 from .activations import ALEXEYAB_ACTIVATIONS, Activation
 from .base import (BuildContext, LayerModule, LayerSpec, activation_name, check, positive,
                    register)
@@ -187,14 +188,19 @@ class Convolutional(LayerModule):
         self.bn = DarknetBatchNorm(spec.filters, profile) if spec.batch_normalize else None
         self.act = Activation(spec.activation)
         self.blur = _blur(spec) if spec.antialiasing else None
+        self.profile = profile
+        #: "torch" (torch's conv) or "darknet" (Darknet's gemm order, darknetpy.gemm)
+        self.arithmetic = "torch"
 
     def forward(self, x: Tensor, refs: list[Tensor]) -> Tensor:
-        x = self.conv(x)
+        darknet = self.arithmetic == "darknet"
+        x = gemm.conv2d_module(self.conv, x) if darknet else self.conv(x)
         if self.bn is not None:
-            x = self.bn(x)
-        x = self.act(x)
+            x = gemm.batchnorm(x, self.bn) if darknet else self.bn(x)
+        x = gemm.activation(x, self.act, self.profile) if darknet else self.act(x)
         if self.blur is not None:
-            x = self.blur(x)
+            # Darknet's blur is itself a convolutional layer (gemm, zero biases)
+            x = gemm.conv2d_module(self.blur, x) if darknet else self.blur(x)
         return x
 
     def darknet_params(self) -> list[tuple[str, Tensor]]:
@@ -267,12 +273,23 @@ class Connected(LayerModule):
         self.fc = nn.Linear(c * h * w, spec.output, bias=not spec.batch_normalize)
         self.bn = DarknetBatchNorm(spec.output, profile) if spec.batch_normalize else None
         self.act = Activation(spec.activation)
+        self.profile = profile
+        #: "torch" (torch's linear) or "darknet" (Darknet's gemm_nt order, darknetpy.gemm)
+        self.arithmetic = "torch"
 
     def forward(self, x: Tensor, refs: list[Tensor]) -> Tensor:
-        x = self.fc(x.flatten(1))  # (N, C*H*W) -> (N, out)
+        x = x.flatten(1)  # (N, C*H*W)
+        if self.arithmetic == "darknet":
+            x = gemm.linear(x, self.fc.weight, self.fc.bias)  # -> (N, out)
+        else:
+            x = self.fc(x)  # -> (N, out)
         if self.bn is not None:
-            x = self.bn(x)
-        return self.act(x)[:, :, None, None]  # (N, out) -> (N, out, 1, 1)
+            x = gemm.batchnorm(x, self.bn) if self.arithmetic == "darknet" else self.bn(x)
+        if self.arithmetic == "darknet":  # activate_array: no vector loop
+            x = gemm.activation(x, self.act, self.profile, vector_loop=False)
+        else:
+            x = self.act(x)
+        return x[:, :, None, None]  # (N, out) -> (N, out, 1, 1)
 
     def darknet_params(self) -> list[tuple[str, Tensor]]:
         """Parameters in ``.weights`` order: biases, weights (out x in), [scales, mean, var]."""
