@@ -64,7 +64,8 @@ def cmd_dump(args) -> int:
 def cmd_verify(args) -> int:
     from .verify import verify
     report = verify(args.cfg, args.weights, args.reference, profile=args.profile,
-                    atol=args.atol, rtol=args.rtol, device=args.device, tree=args.tree)
+                    atol=args.atol, rtol=args.rtol, device=args.device, tree=args.tree,
+                    arithmetic=args.arithmetic)
     print(report.table())
     return 0 if report.ok else 1
 
@@ -299,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--atol", type=float, default=0.0, help="absolute tolerance (default 0)")
     p.add_argument("--rtol", type=float, default=1e-3,
                    help="relative tolerance, times max(1, max|ref|) (default 1e-3)")
+    p.add_argument("--arithmetic", choices=("torch", "darknet"), default="torch",
+                   help="torch: fast kernels (default); darknet: Darknet's CPU gemm order and "
+                        "batch-norm/activation rounding, mostly bit-exact, slower")
     _add_device(p)
     p.set_defaults(func=cmd_verify)
     return parser

@@ -9,10 +9,12 @@ import pytest
 from darknetpy import load
 from darknetpy.verify import load_reference, verify_model
 
-# yolov4 at 320x320: Darknet's own float32 rounding (sequential gemm accumulation) puts its
-# last layers 1.05e-3..1.41e-3 (relative) from the exact result -- float64 does no better.
-# It passes in darknet arithmetic (see test_gemm.py); here it is checked at 2e-3 and the
-# margin is asserted to be what Darknet's rounding explains.
+# yolov4 at 320x320 with these synthetic weights amplifies last-bit differences about
+# 10^4-fold: its last layers come out 1.05e-3..1.41e-3 (relative) from Darknet's, and no
+# faithful arithmetic does better -- float64 is as far, and so is Darknet's own gemm order
+# (darknetpy.gemm, test_gemm.py), because the reference build computes mish with vectorised
+# expf/logf and an approximate reciprocal (RCPPS + Newton) whose ulps are CPU-specific.
+# It is checked at 2e-3 here; test_gemm.py records (strict xfail) that 1e-3 is not met.
 ROUNDING_LIMITED = {"yolov4_dog_alexeyab": 2e-3}
 
 
