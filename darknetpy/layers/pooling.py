@@ -66,6 +66,18 @@ class _WindowSpec(LayerSpec):
         return "", f"{self.size} x {self.size}/{s:>2}"
 
 
+def _window_sum(x: Tensor, kernel: int, stride) -> Tensor:
+    """Sum over each pooling window, (N, C, H, W) -> (N, C, out_h, out_w):
+    ``avg_pool2d(divisor_override=1)``. While exporting to ONNX (whose AveragePool has
+    no divisor override; the TorchScript exporter silently drops it) the same sums as a
+    depthwise convolution with a ones kernel."""
+    if torch.onnx.is_in_onnx_export():
+        c = int(x.shape[1])  # a constant in the graph (channels are fixed at build time)
+        ones = torch.ones(c, 1, kernel, kernel, dtype=x.dtype, device=x.device)
+        return F.conv2d(x, ones, stride=stride, groups=c)
+    return F.avg_pool2d(x, kernel, stride, divisor_override=1)
+
+
 def _pad_window(x: Tensor, pads: tuple[int, int, int, int], value: float) -> Tensor:
     """Pad (or crop, for negative amounts) the right/bottom and pad the left/top."""
     left, right, top, bottom = pads
@@ -197,8 +209,7 @@ class LocalAvgpool(LayerModule):
         self.register_buffer("count", count, persistent=False)  # (1, 1, out_h, out_w)
 
     def forward(self, x: Tensor, refs: list[Tensor]) -> Tensor:
-        total = F.avg_pool2d(_pad_window(x, self.pads, 0.0), self.kernel, self.stride,
-                             divisor_override=1)
+        total = _window_sum(_pad_window(x, self.pads, 0.0), self.kernel, self.stride)
         return total / self.count
 
 
@@ -275,7 +286,7 @@ class Upsample(LayerModule):
             x = F.interpolate(x, scale_factor=float(self.stride), mode="nearest")
         else:
             s = -self.stride
-            x = F.avg_pool2d(x, s, s, divisor_override=1)
+            x = _window_sum(x, s, s)
         return x * self.scale if self.scale != 1.0 else x
 
 
