@@ -63,11 +63,41 @@ def cmd_dump(args) -> int:
 
 def cmd_verify(args) -> int:
     from .verify import verify
-    report = verify(args.cfg, args.weights, args.reference, profile=args.profile,
-                    atol=args.atol, rtol=args.rtol, device=args.device, tree=args.tree,
-                    arithmetic=args.arithmetic)
+    if len(args.inputs) == 2 and args.inputs[0].endswith(".onnx"):
+        from .export import verify_onnx
+        report = verify_onnx(args.inputs[0], args.inputs[1], atol=args.atol, rtol=args.rtol)
+    elif len(args.inputs) == 3:
+        cfg, weights, reference = args.inputs
+        report = verify(cfg, weights, reference, profile=args.profile, atol=args.atol,
+                        rtol=args.rtol, device=args.device, tree=args.tree,
+                        arithmetic=args.arithmetic)
+    else:
+        raise DarknetError("usage: darknetpy verify CFG WEIGHTS REF | darknetpy verify "
+                           "MODEL.onnx REF")
     print(report.table())
     return 0 if report.ok else 1
+
+
+def cmd_export(args) -> int:
+    from .export import export_onnx
+    from .model import load
+    model = load(args.cfg, args.weights, profile=args.profile, width=args.width,
+                 height=args.height, tree=args.tree)
+    report = export_onnx(model, args.output, opset=args.opset, batch=args.batch,
+                         dynamic_batch=args.dynamic_batch, half=args.half, decode=args.decode,
+                         nms=args.nms, thresh=args.thresh, nms_thresh=args.nms_thresh,
+                         max_det=args.max_det)
+    print(report.table())
+    return 0 if report.ok else 1
+
+
+def cmd_convert(args) -> int:
+    from .convert import convert
+    report = convert(args.src, args.dst, args.cfg, header_version=args.header_version,
+                     profile=args.profile, allow_trailing_bytes=args.allow_trailing_bytes,
+                     tree=args.tree)
+    print(report.summary())
+    return 0
 
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -293,10 +323,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_download)
 
-    p = sub.add_parser("verify", help="compare every layer with reference Darknet outputs")
-    _add_model_args(p)
-    p.add_argument("reference", help="case directory (case.json + outputs.npz) or a "
-                                     "directory of input.npy + layer_NNN.npy")
+    p = sub.add_parser("verify", help="compare every layer with reference Darknet outputs",
+                       description="darknetpy verify CFG WEIGHTS REF | darknetpy verify "
+                       "MODEL.onnx REF (ONNX: the head outputs)")
+    p.add_argument("inputs", nargs="+", metavar="ARG",
+                   help="CFG WEIGHTS REF, or MODEL.onnx REF; REF is a case directory "
+                        "(case.json + outputs.npz) or a directory of input.npy + layer_NNN.npy")
+    p.add_argument("--profile", choices=("pjreddie", "alexeyab"),
+                   help="which Darknet to follow (default: the case's impl, else the cfg's)")
+    p.add_argument("--tree", help=".tree file for tree= options")
     p.add_argument("--atol", type=float, default=0.0, help="absolute tolerance (default 0)")
     p.add_argument("--rtol", type=float, default=1e-3,
                    help="relative tolerance, times max(1, max|ref|) (default 1e-3)")
@@ -305,6 +340,36 @@ def build_parser() -> argparse.ArgumentParser:
                         "batch-norm/activation rounding, mostly bit-exact, slower")
     _add_device(p)
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("export", help="export to ONNX and check it with ONNX Runtime")
+    _add_model_args(p)
+    p.add_argument("-o", "--output", required=True, help="destination .onnx file")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset, 13..20 (default 17)")
+    batch = p.add_mutually_exclusive_group()
+    batch.add_argument("--batch", type=int, default=1, help="static batch size (default 1)")
+    batch.add_argument("--dynamic-batch", action="store_true", help="batch dimension dynamic")
+    p.add_argument("--half", action="store_true", help="float16 weights and outputs")
+    p.add_argument("--decode", action="store_true",
+                   help="add decoded boxes (N, B, 4) cxcywh relative and scores (N, B, C)")
+    p.add_argument("--nms", action="store_true",
+                   help="add ONNX NonMaxSuppression (per class, greedy IoU) after --decode")
+    p.add_argument("--thresh", type=float, help="score threshold for --nms "
+                   "(default: pjreddie 0.5, alexeyab 0.25)")
+    p.add_argument("--nms-thresh", type=float, default=0.45, help="IoU threshold (default 0.45)")
+    p.add_argument("--max-det", type=int, default=300,
+                   help="boxes kept per image and class by --nms (default 300)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("convert", help="convert weights: .weights <-> .pt <-> .safetensors")
+    p.add_argument("src", help="source weights (.weights, .pt, .safetensors)")
+    p.add_argument("dst", help="destination (format from the extension)")
+    p.add_argument("--cfg", help="the Darknet cfg (needed when either side is .weights)")
+    p.add_argument("--header-version", help="write .weights with this header, e.g. 0.2.5 "
+                   "(default: keep the source's)")
+    p.add_argument("--profile", choices=("pjreddie", "alexeyab"))
+    p.add_argument("--tree", help=".tree file for tree= options")
+    p.add_argument("--allow-trailing-bytes", action="store_true")
+    p.set_defaults(func=cmd_convert)
     return parser
 
 
