@@ -194,6 +194,9 @@ def cmd_detect(args) -> int:
     from .detect import Detector, format_lines, load_names, to_json
     from .draw import draw_detections, save_jpeg
     model, images = _model_and_images(args)
+    if args.optimize or args.precision != "fp32":
+        from .optimize import optimize
+        model = optimize(model, precision=args.precision)
     classes = model.specs[model.heads[-1]].classes if model.heads else 0
     names = load_names(args.names, args.data, classes) if (args.names or args.data) else None
     detector = Detector(model, names=names, thresh=args.thresh, hier=args.hier, nms=args.nms,
@@ -296,6 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also print box positions in pixels (AlexeyAB -ext_output)")
     p.add_argument("--json", help="write AlexeyAB-style JSON results to this file")
     p.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
+    p.add_argument("--optimize", action="store_true",
+                   help="run the optimised module (folded batch norm, fused kernels; "
+                        "still within verify's tolerance)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="bf16/fp16: reduced-precision optimised module (explicit opt-in; "
+                        "outputs differ, see docs/BENCHMARKS.md)")
     _add_device(p)
     p.set_defaults(func=cmd_detect)
 

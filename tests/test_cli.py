@@ -94,3 +94,16 @@ def test_cuda_request_without_gpu_is_a_clear_error(fastest, capsys):
     assert main(["verify", str(case / "model.cfg"), str(weights), str(case), "--device",
                  "cuda"]) == 2
     assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_detect_optimised_and_bf16_find_the_same_objects(reference_dir, tmp_path, capsys):
+    cfg = reference_dir / "cfg" / "real" / "yolo-fastest-1.1.cfg"
+    weights = reference_dir / "weights" / "yolo-fastest-1.1.weights"
+    image = reference_dir / "images" / "dog.jpg"
+    names = []
+    for extra in ([], ["--optimize"], ["--precision", "bf16"]):
+        assert main(["detect", str(cfg), str(weights), str(image), "--out", "", *extra]) == 0
+        lines = [line for line in capsys.readouterr().out.splitlines() if "%" in line]
+        names.append(sorted(line.split(":")[0] for line in lines))
+    assert names[0] == names[1] == names[2]
+    assert "dog" in names[0] and "bicycle" in names[0]
