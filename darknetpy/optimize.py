@@ -163,6 +163,17 @@ class _Codegen:
         self.lines.append(line)
 
 
+def _activation_code(act: str, v: str, cg: "_Codegen") -> list[str]:
+    """Statements applying activation ``act`` to variable ``v`` (in place where possible)."""
+    if act == "linear":
+        return []
+    tmpl = INPLACE_ACTIVATIONS.get(act)
+    if tmpl is not None:
+        return [tmpl.format(v=v)]
+    fn = cg.const(f"act_{act}", get_activation(act))
+    return [f"{v} = {fn}({v})"]
+
+
 class OptimizedDarknet(nn.Module):
     """A Darknet network compiled into one straight-line forward (see :func:`optimize`).
 
@@ -302,13 +313,8 @@ class OptimizedDarknet(nn.Module):
                     stmts.append(f"{out} = F.conv2d({src}, {wn}, {bn}, {info['stride']}, "
                                  f"{info['padding']}, {info['dilation']}, {info['groups']})")
                     self_act = info["act"]
-                if self_act is not None and self_act != "linear":
-                    tmpl = INPLACE_ACTIVATIONS.get(self_act)
-                    if tmpl is not None:
-                        stmts.append(tmpl.format(v=out))
-                    else:
-                        fn = cg.const(f"act_{self_act}", get_activation(self_act))
-                        stmts.append(f"{out} = {fn}({out})")
+                if self_act is not None:
+                    stmts += _activation_code(self_act, out, cg)
                 if info["blur"] is not None:
                     bl = info["blur"]
                     bw = cg.const(f"blur{i}", bl["w"])
@@ -337,14 +343,7 @@ class OptimizedDarknet(nn.Module):
                   and specs[spec.refs[0]].out_shape == spec.in_shape):
                 a, r = read(i, prev), read(i, refs[0])
                 stmts.append(f"{out} = INPLACE_ADD({a}, {r})")
-                act = spec.activation
-                if act != "linear":
-                    tmpl = INPLACE_ACTIVATIONS.get(act)
-                    if tmpl is not None:
-                        stmts.append(tmpl.format(v=out))
-                    else:
-                        fn = cg.const(f"act_{act}", get_activation(act))
-                        stmts.append(f"{out} = {fn}({out})")
+                stmts += _activation_code(spec.activation, out, cg)
                 var.append(out)
             elif isinstance(layer, Maxpool):
                 left, right, top, bottom = layer.pads
