@@ -26,6 +26,21 @@ def _add_model_args(p: argparse.ArgumentParser, weights: bool = True) -> None:
     p.add_argument("--tree", help=".tree file for tree= options (default: next to the cfg)")
 
 
+def _add_image_command_args(p: argparse.ArgumentParser) -> None:
+    """Arguments shared by detect and classify: the model (files or a name), names, profile,
+    size and tree overrides."""
+    p.add_argument("inputs", nargs="+", metavar="ARG",
+                   help="CFG WEIGHTS IMAGE... or MODEL_NAME IMAGE...")
+    names = p.add_mutually_exclusive_group()
+    names.add_argument("--names", help="class names file, one per line")
+    names.add_argument("--data", help="Darknet .data file with names=")
+    p.add_argument("--profile", choices=("pjreddie", "alexeyab"),
+                   help="which Darknet to follow (default: chosen from the cfg)")
+    p.add_argument("--width", type=int, help="override [net] width")
+    p.add_argument("--height", type=int, help="override [net] height")
+    p.add_argument("--tree", help=".tree file for tree= options")
+
+
 def _add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
 
@@ -277,22 +292,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("detect", help="detect objects like ./darknet detect",
                        description="darknetpy detect CFG WEIGHTS IMAGE... | MODEL_NAME IMAGE... "
                        "(images, directories, or .txt lists of images)")
-    p.add_argument("inputs", nargs="+", metavar="ARG",
-                   help="CFG WEIGHTS IMAGE... or MODEL_NAME IMAGE...")
-    names = p.add_mutually_exclusive_group()
-    names.add_argument("--names", help="class names file, one per line")
-    names.add_argument("--data", help="Darknet .data file with names=")
+    _add_image_command_args(p)
     p.add_argument("--thresh", type=float, help="probability threshold "
                    "(default: pjreddie 0.5, alexeyab 0.25)")
     p.add_argument("--hier", type=float, default=0.5, help="hierarchy threshold (default 0.5)")
     p.add_argument("--nms", type=float, default=0.45, help="NMS IoU threshold (default 0.45)")
     p.add_argument("--letterbox", action=argparse.BooleanOptionalAction, default=None,
                    help="letterbox the image (default: pjreddie yes; alexeyab per cfg)")
-    p.add_argument("--profile", choices=("pjreddie", "alexeyab"),
-                   help="which Darknet to follow (default: chosen from the cfg)")
-    p.add_argument("--width", type=int, help="override [net] width")
-    p.add_argument("--height", type=int, help="override [net] height")
-    p.add_argument("--tree", help=".tree file for tree= options")
     p.add_argument("--out", default="predictions.jpg",
                    help="picture with the boxes drawn (default predictions.jpg; '' for none)")
     p.add_argument("--ext-output", action="store_true",
@@ -310,20 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("classify", help="classify images like ./darknet classifier predict",
                        description="darknetpy classify CFG WEIGHTS IMAGE... | MODEL_NAME IMAGE...")
-    p.add_argument("inputs", nargs="+", metavar="ARG",
-                   help="CFG WEIGHTS IMAGE... or MODEL_NAME IMAGE...")
-    names = p.add_mutually_exclusive_group()
-    names.add_argument("--names", help="class names file, one per line")
-    names.add_argument("--data", help="Darknet .data file with names=")
+    _add_image_command_args(p)
     p.add_argument("--top", type=int, default=5, help="how many classes to print (default 5)")
     p.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
     p.add_argument("--letterbox", action=argparse.BooleanOptionalAction, default=None,
                    help="letterbox the image (default: pjreddie yes, alexeyab no)")
-    p.add_argument("--profile", choices=("pjreddie", "alexeyab"),
-                   help="which Darknet to follow (default: chosen from the cfg)")
-    p.add_argument("--width", type=int, help="override [net] width")
-    p.add_argument("--height", type=int, help="override [net] height")
-    p.add_argument("--tree", help=".tree file for tree= options")
     _add_device(p)
     p.set_defaults(func=cmd_classify)
 
