@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -293,24 +292,16 @@ def test_alexeyab_region_tree_probs(tmp_path):
 
 
 # ------------------------------------------------------------ the real 9k.tree
-def reference_dir() -> Path | None:
-    env = os.environ.get("DARKNETPY_REFERENCE")
-    cand = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "reference"
-    return cand if cand.is_dir() else None
+@pytest.fixture
+def nine_k_tree_path(reference_dir) -> Path:
+    """reference/names/9k.tree (skipped locally / failing in CI without the reference)."""
+    path = reference_dir / "names" / "9k.tree"
+    assert path.is_file(), f"{path} missing from the reference data"
+    return path
 
 
-def nine_k_tree_path() -> Path:
-    ref = reference_dir()
-    p = ref / "names" / "9k.tree" if ref else None
-    if p is None or not p.is_file():
-        if os.environ.get("CI") == "true":
-            pytest.fail("reference 9k.tree not found (set DARKNETPY_REFERENCE)")
-        pytest.skip("reference 9k.tree not found")
-    return p
-
-
-def test_9k_tree():
-    path = nine_k_tree_path()
+def test_9k_tree(nine_k_tree_path):
+    path = nine_k_tree_path
     t = read_tree(path)
     with open(path) as fh:
         nlines = sum(1 for _ in fh)
