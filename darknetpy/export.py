@@ -93,6 +93,7 @@ from torch import Tensor, nn
 from .errors import DarknetError, ReferenceDataError
 from .layers.heads import GaussianYoloSpec, HeadSpec, RegionSpec
 from .verify import DEFAULT_ATOL, DEFAULT_RTOL, LayerDiff, Reference, VerifyReport, compare
+from .weights import publish
 
 #: default ONNX opset (ONNX Runtime supports it fully; Resize, Split, NMS all settled).
 DEFAULT_OPSET = 17
@@ -794,7 +795,7 @@ def export_onnx(model, path: str | os.PathLike, *, opset: int = DEFAULT_OPSET, b
             _check(report, wrapper, model, tmp, sample, batch, dynamic_batch, dtype, device,
                    thresh, nms_thresh, max_det, nms, half, atol, rtol)
         report.bytes = os.path.getsize(tmp)
-        os.replace(tmp, path)
+        publish(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

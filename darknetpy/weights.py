@@ -156,6 +156,15 @@ def save_weights(model, path: str | os.PathLike, *, header: WeightsHeader | None
     atomic_write(path, b"".join(parts))
 
 
+def publish(tmp: str, path: str) -> None:
+    """Rename a finished temporary file onto ``path``, with the permissions a plain
+    ``open(path, "w")`` would give (``mkstemp`` makes files private, mode 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+
+
 def atomic_write(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file in the same folder and a rename."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -163,7 +172,7 @@ def atomic_write(path: str, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

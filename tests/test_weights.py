@@ -228,3 +228,18 @@ def test_real_weights_load_run_and_round_trip(stem, reference_dir, tmp_path):
     again = tmp_path / weights.name
     model.save_weights(again)
     assert again.read_bytes() == weights.read_bytes()
+
+
+def test_written_files_get_normal_permissions(tmp_path):
+    """Atomic writers publish with the umask's permissions, not mkstemp's private 0600."""
+    import os
+    import stat
+
+    from darknetpy.weights import atomic_write
+    umask = os.umask(0o022)
+    try:
+        atomic_write(str(tmp_path / "out.bin"), b"data")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "out.bin").stat().st_mode) == 0o644
+    assert (tmp_path / "out.bin").read_bytes() == b"data"
