@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .cfg import Section, parse_cfg, read_cfg, warn_unused
+from .cfg import Option, Section, parse_cfg, read_cfg, warn_unused
 from .device import resolve_device
 from .errors import CfgError, DarknetError
-from .layers import PROFILES, BuildContext, HeadSpec, LayerSpec, NetSpec, spec_for_section
+from .layers import (PROFILES, REGISTRY, BuildContext, HeadSpec, LayerSpec, NetSpec,
+                     spec_for_section)
+from .layers.activations import ALEXEYAB_ACTIVATIONS
 
 #: cfg keys only AlexeyAB's Darknet reads (by section type); their presence
 #: means the cfg was written for AlexeyAB.
@@ -115,24 +117,31 @@ def parse_architecture(cfg: str | os.PathLike | list[Section], *, profile: str |
 
 
 def alexeyab_reasons(sections: list[Section], specs: list[LayerSpec]) -> list[str]:
-    """Why a cfg needs AlexeyAB's Darknet: AlexeyAB-only sections and options found."""
-    reasons = []
-    for sec in sections:
-        canonical = {"network": "net", "conv": "convolutional", "max": "maxpool",
-                     "Gaussian_yolo": "yolo"}.get(sec.type, sec.type)
-        keys = sorted(ALEXEYAB_KEYS.get(canonical, set()) & set(sec.options))
-        if keys:
-            where = "[net]" if sec.index < 0 else f"layer {sec.index} [{sec.type}]"
-            reasons.append(f"{where}: {', '.join(keys)}")
-    for spec in specs:
-        if spec.alexeyab_only:
-            reasons.append(f"layer {spec.index}: section [{spec.type}]")
-        for feat in spec.alexeyab_features():
-            text = f"layer {spec.index} [{spec.type}]: {feat}"
-            if not any(r.startswith(f"layer {spec.index} [") and feat.split("=")[0] in r
-                       for r in reasons):
-                reasons.append(text)
-    return reasons
+    """Why a cfg needs AlexeyAB's Darknet: AlexeyAB-only sections, options
+    (:data:`ALEXEYAB_KEYS`), activations, and shortcuts from several layers.
+    One line per section, e.g. ``"layer 30 [yolo]: nms_kind, scale_x_y"``."""
+    found: dict[str, set[str]] = {}
+    for sec, spec in zip(sections, [None, *specs]):
+        where = "[net]" if spec is None else f"layer {spec.index} [{sec.type}]"
+        feats = set(ALEXEYAB_KEYS.get(_canonical(sec.type), set()) & set(sec.options))
+        if spec is not None and spec.alexeyab_only:
+            feats.add(f"section [{sec.type}]")
+        act = sec.options.get("activation")
+        if act is not None and act.value in ALEXEYAB_ACTIVATIONS:
+            feats.add(f"activation={act.value}")
+        if sec.type == "shortcut" and "," in sec.options.get("from", Option("", 0)).value:
+            feats.add("from several layers")
+        if feats:
+            found[where] = feats
+    return [f"{where}: {', '.join(sorted(feats))}" for where, feats in found.items()]
+
+
+def _canonical(section_type: str) -> str:
+    """The registry's main name of a section type (``conv`` -> ``convolutional``)."""
+    if section_type in ("net", "network"):
+        return "net"
+    cls = REGISTRY.get(section_type)
+    return cls.section_names[0] if cls is not None else section_type
 
 
 class Darknet(nn.Module):

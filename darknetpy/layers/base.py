@@ -155,9 +155,6 @@ class LayerSpec:
         """(filters column, size/stride column) for the ``info`` table."""
         return "", ""
 
-    def alexeyab_features(self) -> list[str]:
-        """Options of this layer that only AlexeyAB's Darknet implements."""
-        return []
 
     @staticmethod
     def base_fields(sec: Section, ctx: BuildContext, out_shape: Shape, refs=()) -> dict:

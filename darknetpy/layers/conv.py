@@ -10,11 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import gemm
-from .activations import ALEXEYAB_ACTIVATIONS, Activation
+from .activations import Activation
 from .base import (BuildContext, LayerModule, LayerSpec, activation_name, check, positive,
                    register)
 from ..cfg import Section
@@ -154,17 +153,6 @@ class ConvolutionalSpec(LayerSpec):
         g = f" g{self.groups}" if self.groups > 1 else ""
         return f"{self.filters}{g}", f"{self.size} x {self.size}/{s:>2}{d}"
 
-    def alexeyab_features(self) -> list[str]:
-        feats = []
-        if self.stride_x != self.stride_y:
-            feats.append("stride_x/stride_y")
-        if self.dilation > 1:
-            feats.append("dilation")
-        if self.antialiasing:
-            feats.append("antialiasing")
-        if self.activation in ALEXEYAB_ACTIVATIONS:
-            feats.append(f"activation={self.activation}")
-        return feats
 
     def build(self, profile: str) -> nn.Module:
         return Convolutional(self, profile)

@@ -94,15 +94,6 @@ class YoloSpec(HeadSpec):
 
     extra_entries = 0
 
-    def alexeyab_features(self) -> list[str]:
-        feats = []
-        if self.scale_x_y != 1.0:
-            feats.append("scale_x_y")
-        if self.new_coords:
-            feats.append("new_coords")
-        if self.nms_kind is not None:
-            feats.append("nms_kind")
-        return feats
 
     def logistic_entries(self) -> list[int]:
         if self.new_coords:

@@ -50,8 +50,6 @@ class RouteSpec(LayerSpec):
         return cls(**cls.base_fields(sec, ctx, (out_c, h, w), refs), groups=groups,
                    group_id=group_id)
 
-    def alexeyab_features(self) -> list[str]:
-        return ["route groups"] if self.groups > 1 else []
 
     def describe(self) -> tuple[str, str]:
         g = f" /{self.groups}({self.group_id})" if self.groups > 1 else ""
@@ -138,13 +136,6 @@ class ShortcutSpec(LayerSpec):
     def has_weights(self) -> bool:
         return self.nweights > 0
 
-    def alexeyab_features(self) -> list[str]:
-        feats = []
-        if len(self.refs) > 1:
-            feats.append("shortcut from several layers")
-        if self.weights_type != "none":
-            feats.append("shortcut weights_type")
-        return feats
 
     @property
     def flops(self) -> float:

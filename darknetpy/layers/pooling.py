@@ -121,13 +121,6 @@ class MaxpoolSpec(_WindowSpec):
         return cls(**cls.base_fields(sec, ctx, out_shape), **geom, maxpool_depth=depth,
                    out_channels=out_channels, antialiasing=anti)
 
-    def alexeyab_features(self) -> list[str]:
-        feats = []
-        if self.stride_x != self.stride_y:
-            feats.append("stride_x/stride_y")
-        if self.maxpool_depth:
-            feats.append("maxpool_depth")
-        return feats
 
     @property
     def flops(self) -> float:
