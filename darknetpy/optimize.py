@@ -292,7 +292,6 @@ class OptimizedDarknet(nn.Module):
 
         body: list[tuple[int, list[str]]] = []  # per layer: statements
         prev = "x"
-        heads = set(self.heads)
         outputs = set(self.heads) if self.heads else {n_layers - 1}
         for i, (spec, layer) in enumerate(zip(specs, layers)):
             out = f"t{i}"

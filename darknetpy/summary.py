@@ -22,7 +22,7 @@ def summary(arch: Architecture) -> str:
     net = arch.net
     lines = [f"net: {net.width} x {net.height} x {net.channels}"
              + (", letter_box=1" if net.letter_box else ""),
-             f"   layer   type       filters  size/strd(dil)      input                output"]
+             "   layer   type       filters  size/strd(dil)      input                output"]
     for spec in arch.specs:
         filters, size = spec.describe()
         name = _SHORT.get(spec.type, spec.type)
