@@ -92,7 +92,8 @@ from torch import Tensor, nn
 
 from .errors import DarknetError, ReferenceDataError
 from .layers.heads import GaussianYoloSpec, HeadSpec, RegionSpec
-from .verify import DEFAULT_ATOL, DEFAULT_RTOL, LayerDiff, Reference, VerifyReport, compare
+from .verify import (DEFAULT_ATOL, DEFAULT_RTOL, Reference, VerifyReport,
+                     layer_row, max_abs_diff)
 from .weights import publish
 
 #: default ONNX opset (ONNX Runtime supports it fully; Resize, Split, NMS all settled).
@@ -593,22 +594,6 @@ def onnx_nms_reference(boxes: np.ndarray, scores: np.ndarray, iou_thresh: float,
 
 
 # ------------------------------------------------------------------------- checking
-def _max_abs(ours: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
-    """(max |ours - ref|, max(1, max |ref|)): equal values (also equal infinities) and
-    pairs of NaNs count as 0."""
-    a = np.asarray(ours, dtype=np.float64)
-    r = np.asarray(ref, dtype=np.float64)
-    if a.shape != r.shape:
-        return float("inf"), 1.0
-    same = (a == r) | (np.isnan(a) & np.isnan(r))
-    with np.errstate(invalid="ignore"):
-        diff = np.where(same, 0.0, np.abs(a - r))
-    finite = r[np.isfinite(r)]
-    scale = max(1.0, float(np.abs(finite).max())) if finite.size else 1.0
-    d = float(diff.max()) if diff.size else 0.0
-    return (float("inf") if np.isnan(d) else d), scale
-
-
 def _session(path: str):
     import onnxruntime as ort
     opts = ort.SessionOptions()
@@ -836,7 +821,7 @@ def _check(report: ExportReport, wrapper, model, tmp: str, sample, batch: int,
                                                for t in wrapper.decoder(heads)]
     bad = []
     for info, ref in zip(report.outputs, want):
-        d, scale = _max_abs(by_name[info.name], ref)
+        d, scale = max_abs_diff(by_name[info.name], ref)
         report.max_abs[info.name] = d
         report.tolerance[info.name] = atol + rtol * scale
         if not d <= report.tolerance[info.name]:
@@ -851,7 +836,7 @@ def _check(report: ExportReport, wrapper, model, tmp: str, sample, batch: int,
         gb = by_name["boxes"][sel[:, 0], sel[:, 2]] if sel.size else np.zeros((0, 4))
         gs = by_name["scores"][sel[:, 0], sel[:, 2], sel[:, 1]] if sel.size else np.zeros(0)
         for name, ref in (("det_boxes", gb), ("det_scores", gs)):
-            d, _ = _max_abs(by_name[name], ref)
+            d, _ = max_abs_diff(by_name[name], ref)
             report.max_abs[name], report.tolerance[name] = d, 0.0
         if not same:
             bad.append(next(o for o in report.outputs if o.name == "selected_indices"))
@@ -941,17 +926,7 @@ def verify_onnx(onnx_path: str | os.PathLike, reference: Reference | str | os.Pa
         raise ReferenceDataError(f"{onnx_path}: no output names a Darknet layer (expected "
                                  "head_<index>_<type> outputs from darknetpy export)")
     outs = sess.run(wanted, {inp.name: feed})
-    rows, compared = [], 0
-    for name, out in zip(wanted, outs):
-        i, typ = layer_of[name]
-        ours = np.asarray(out[0], dtype=np.float32)
-        shape = tuple(ours.shape)
-        if i not in reference.layers:
-            rows.append(LayerDiff(i, typ, shape, 0.0, 0.0, 0.0, True, "missing"))
-            continue
-        ref, stride = reference.layers[i]
-        max_abs, max_rel, tol, ok = compare(ours, ref, stride, atol, rtol)
-        compared += 1
-        rows.append(LayerDiff(i, typ, shape, max_abs, max_rel, tol, ok,
-                              "sampled" if stride else "full"))
+    rows = [layer_row(*layer_of[name], np.asarray(out[0], dtype=np.float32), reference, atol,
+                      rtol) for name, out in zip(wanted, outs)]
+    compared = sum(r.stored != "missing" for r in rows)
     return VerifyReport(rows=rows, compared=compared)

@@ -139,9 +139,29 @@ class VerifyReport:
         return "\n".join(lines)
 
 
+def max_abs_diff(ours: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
+    """(max |ours - ref|, max(1, max |ref| over its finite values)).
+
+    Equal values (also equal infinities) and pairs of NaNs count as 0; a NaN or an
+    infinity against anything else counts as infinite. Different shapes: (inf, 1).
+    """
+    a = np.asarray(ours, dtype=np.float64)
+    r = np.asarray(ref, dtype=np.float64)
+    if a.shape != r.shape:
+        return float("inf"), 1.0
+    same = (a == r) | (np.isnan(a) & np.isnan(r))
+    with np.errstate(invalid="ignore"):
+        diff = np.where(same, 0.0, np.abs(a - r))
+    finite = r[np.isfinite(r)]
+    scale = max(1.0, float(np.abs(finite).max())) if finite.size else 1.0
+    d = float(diff.max()) if diff.size else 0.0
+    return (float("inf") if np.isnan(d) else d), scale
+
+
 def compare(ours: np.ndarray, ref: np.ndarray, stride: int | None, atol: float, rtol: float,
             stats: dict | None = None) -> tuple[float, float, float, bool]:
-    """(max_abs, max_rel, tolerance, ok) of ``ours`` (full layer output) against ``ref``.
+    """(max_abs, max_rel, tolerance, ok) of ``ours`` (full layer output) against ``ref``
+    (full, or every ``stride``-th value of the flat output).
 
     With ``stats`` (Darknet's full-output min, max, sum, outputs), the
     differences of our min, max and mean count too, so a sampled layer is
@@ -150,14 +170,7 @@ def compare(ours: np.ndarray, ref: np.ndarray, stride: int | None, atol: float, 
     flat = ours.reshape(-1)
     if stride is not None:
         flat = flat[::stride]
-    ref = ref.reshape(-1)
-    if flat.size != ref.size:
-        return float("inf"), float("inf"), 0.0, False
-    ours64, ref64 = flat.astype(np.float64), ref.astype(np.float64)
-    scale = max(1.0, float(np.nanmax(np.abs(ref64)))) if ref64.size else 1.0
-    both_nan = np.isnan(ours64) & np.isnan(ref64)
-    diff = np.where(both_nan, 0.0, np.abs(ours64 - ref64))
-    max_abs = float(np.max(diff)) if diff.size else 0.0
+    max_abs, scale = max_abs_diff(flat, ref.reshape(-1))
     full = ours.reshape(-1)
     if stats is not None and full.size == stats["outputs"] and full.size:
         full64 = full.astype(np.float64)
@@ -169,6 +182,20 @@ def compare(ours: np.ndarray, ref: np.ndarray, stride: int | None, atol: float, 
         max_abs = float("inf")
     tol = atol + rtol * scale
     return max_abs, max_abs / scale, tol, bool(max_abs <= tol)
+
+
+def layer_row(index: int, layer_type: str, ours: np.ndarray, reference: Reference,
+              atol: float, rtol: float) -> LayerDiff:
+    """One report row: layer ``index``'s output ``ours`` (C, H, W) against the reference
+    (full or sampled, with its recorded statistics); ``stored == "missing"`` if the
+    reference has no such layer."""
+    shape = tuple(ours.shape)
+    if index not in reference.layers:
+        return LayerDiff(index, layer_type, shape, 0.0, 0.0, 0.0, True, "missing")
+    ref, stride = reference.layers[index]
+    max_abs, max_rel, tol, ok = compare(ours, ref, stride, atol, rtol, reference.stats.get(index))
+    return LayerDiff(index, layer_type, shape, max_abs, max_rel, tol, ok,
+                     "sampled" if stride else "full")
 
 
 def verify_model(model, reference: Reference, *, atol: float = DEFAULT_ATOL,
@@ -193,21 +220,12 @@ def verify_model(model, reference: Reference, *, atol: float = DEFAULT_ATOL,
                                  f"{(net.channels, net.height, net.width)}")
     param = next(model.parameters(), None)
     x = x[None].to(device or (param.device if param is not None else "cpu"))
-    rows, compared = [], 0
+    rows = []
     with torch.inference_mode():
         for i, out in model.iter_layers(x):
-            spec = model.specs[i]
-            if i not in reference.layers:
-                rows.append(LayerDiff(i, spec.type, spec.out_shape, 0.0, 0.0, 0.0, True,
-                                      "missing"))
-                continue
-            ref, stride = reference.layers[i]
             ours = out[0].float().cpu().numpy()
-            max_abs, max_rel, tol, ok = compare(ours, ref, stride, atol, rtol,
-                                                reference.stats.get(i))
-            compared += 1
-            rows.append(LayerDiff(i, spec.type, spec.out_shape, max_abs, max_rel, tol, ok,
-                                  "sampled" if stride else "full"))
+            rows.append(layer_row(i, model.specs[i].type, ours, reference, atol, rtol))
+    compared = sum(r.stored != "missing" for r in rows)
     return VerifyReport(rows=rows, compared=compared)
 
 

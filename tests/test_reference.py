@@ -48,3 +48,15 @@ def test_layer_count_and_shapes_match_darknet(reference_dir, reference_case):
         assert n == rec["outputs"], f"layer {spec.index}: {spec.out_shape} vs {rec}"
         if rec["shape"] != [0, 0, 0]:
             assert list(spec.out_shape) == rec["shape"], f"layer {spec.index}"
+
+
+def test_compare_does_not_pass_everything_against_an_infinite_reference():
+    import numpy as np
+
+    from darknetpy.verify import compare
+    ours = np.array([np.inf, 1000.0], dtype=np.float32)
+    ref = np.array([np.inf, 1.0], dtype=np.float32)
+    max_abs, max_rel, tol, ok = compare(ours, ref, None, 0.0, 1e-3)
+    assert not ok and max_abs == 999.0 and tol == 1e-3
+    assert compare(np.array([np.inf]), np.array([1.0]), None, 0.0, 1e-3)[3] is False
+    assert compare(np.array([np.nan, 2.0]), np.array([np.nan, 2.0]), None, 0.0, 1e-3)[3] is True
