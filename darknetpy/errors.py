@@ -67,5 +67,15 @@ class ReferenceDataError(DarknetError):
     """A reference directory (for ``verify``) that is missing or malformed."""
 
 
+class OutputError(DarknetError):
+    """An output file that cannot be written (missing folder, a directory in the way,
+    no permission). Attribute ``path``."""
+
+    def __init__(self, message: str, *, path: str | None = None):
+        self.path = path
+        self.message = message
+        super().__init__(f"{path}: {message}" if path else message)
+
+
 class DeviceError(DarknetError):
     """A requested torch device that is not available (e.g. ``cuda`` without a GPU)."""

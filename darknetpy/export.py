@@ -81,7 +81,6 @@ import io
 import json
 import os
 import re
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -94,7 +93,7 @@ from .errors import DarknetError, ReferenceDataError
 from .layers.heads import GaussianYoloSpec, HeadSpec, RegionSpec
 from .verify import (DEFAULT_ATOL, DEFAULT_RTOL, Reference, VerifyReport,
                      layer_row, max_abs_diff)
-from .weights import publish
+from .weights import atomic_target
 
 #: default ONNX opset (ONNX Runtime supports it fully; Resize, Split, NMS all settled).
 DEFAULT_OPSET = 17
@@ -712,12 +711,7 @@ def export_onnx(model, path: str | os.PathLike, *, opset: int = DEFAULT_OPSET, b
                                   "cannot hold); export in float32", layer=spec.index,
                                   layer_type=spec.type)
     x = _sample_input(model, None, batch, dtype, device)
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise ExportError(f"{path}: folder {folder} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=folder)
-    os.close(fd)
-    try:
+    with atomic_target(path) as tmp:
         t0 = time.perf_counter()
         dynamic_axes = None
         if dynamic_batch:
@@ -780,10 +774,6 @@ def export_onnx(model, path: str | os.PathLike, *, opset: int = DEFAULT_OPSET, b
             _check(report, wrapper, model, tmp, sample, batch, dynamic_batch, dtype, device,
                    thresh, nms_thresh, max_det, nms, half, atol, rtol)
         report.bytes = os.path.getsize(tmp)
-        publish(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return report
 
 
@@ -894,13 +884,20 @@ def verify_onnx(onnx_path: str | os.PathLike, reference: Reference | str | os.Pa
     Raises:
         ReferenceDataError: the reference input does not fit the model, or the model
             has no output that names a layer.
+        DarknetError: the ONNX file is missing or cannot be loaded.
     """
     from .verify import load_reference
     if not isinstance(reference, Reference):
         reference = load_reference(reference)
     onnx_path = os.fspath(onnx_path)
-    meta = onnx_metadata(onnx_path)
-    sess = _session(onnx_path)
+    if not os.path.isfile(onnx_path):
+        raise DarknetError(f"{onnx_path}: ONNX model not found")
+    try:
+        sess = _session(onnx_path)
+    except Exception as e:  # noqa: BLE001 - ONNX Runtime raises its own exception types
+        raise DarknetError(f"{onnx_path}: cannot load ONNX model: {_first_line(e)}") from None
+    meta_json = sess.get_modelmeta().custom_metadata_map.get(META_KEY)
+    meta = json.loads(meta_json) if meta_json else {}
     inp = sess.get_inputs()[0]
     x = np.ascontiguousarray(reference.input, dtype=np.float32)
     want = tuple(inp.shape[1:])

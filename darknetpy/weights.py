@@ -15,6 +15,7 @@ bytes are an error unless ``allow_trailing_bytes``.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 import tempfile
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .errors import WeightsError
+from .errors import OutputError, WeightsError
 
 
 @dataclass(frozen=True)
@@ -156,24 +157,57 @@ def save_weights(model, path: str | os.PathLike, *, header: WeightsHeader | None
     atomic_write(path, b"".join(parts))
 
 
+# The process's umask, read once at import (reading it means setting it, which is not
+# thread-safe later on).
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def publish(tmp: str, path: str) -> None:
     """Rename a finished temporary file onto ``path``, with the permissions a plain
-    ``open(path, "w")`` would give (``mkstemp`` makes files private, mode 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
+    ``open(path, "w")`` would give (``mkstemp`` makes files private, mode 0600).
 
-
-def atomic_write(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and a rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
+    Raises:
+        OutputError: the rename failed (e.g. ``path`` is a directory).
+    """
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise OutputError(f"cannot write: {e.strerror}", path=path) from None
+
+
+@contextlib.contextmanager
+def atomic_target(path: str | os.PathLike):
+    """Context manager: a temporary file name in ``path``'s folder to write to; when
+    the block ends normally it is renamed onto ``path`` (:func:`publish`), otherwise
+    removed. Nothing the user had at ``path`` is touched unless everything succeeded.
+
+    Raises:
+        OutputError: the folder does not exist or is not writable, or the rename failed.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path),
+                                   dir=folder)
+    except OSError as e:
+        raise OutputError(f"cannot write in {folder}: {e.strerror}", path=path) from None
+    os.close(fd)
+    try:
+        yield tmp
         publish(tmp, path)
-    except BaseException:
+    finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+
+
+def atomic_write(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same folder and a rename.
+
+    Raises:
+        OutputError: the file cannot be written.
+    """
+    with atomic_target(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)

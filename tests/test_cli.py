@@ -107,3 +107,23 @@ def test_detect_optimised_and_bf16_find_the_same_objects(reference_dir, tmp_path
         names.append(sorted(line.split(":")[0] for line in lines))
     assert names[0] == names[1] == names[2]
     assert "dog" in names[0] and "bicycle" in names[0]
+
+
+def test_unwritable_outputs_and_unreadable_models_are_one_line_errors(fastest, tmp_path, capsys):
+    case, weights = fastest
+    cfg = str(case / "model.cfg")
+    (tmp_path / "adir").mkdir()
+    cases = [
+        ["convert", str(weights), str(tmp_path / "no" / "such" / "w.pt"), "--cfg", cfg],
+        ["convert", str(weights), str(tmp_path / "adir"), "--cfg", cfg],
+        ["export", cfg, str(weights), "-o", str(tmp_path / "no" / "m.onnx")],
+        ["verify", str(tmp_path / "missing.onnx"), str(case)],
+    ]
+    (tmp_path / "bad.onnx").write_bytes(b"not a model")
+    cases.append(["verify", str(tmp_path / "bad.onnx"), str(case)])
+    for args in cases:
+        assert main(args) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("darknetpy: error: "), (args, err)
+    assert list((tmp_path / "adir").iterdir()) == []  # nothing left behind
+    assert not any(p.name.startswith(".tmp-") for p in tmp_path.iterdir())
