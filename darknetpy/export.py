@@ -30,8 +30,10 @@ The graph
   cell-major (box ``cell*A + anchor``, cell = row*w + col), pjreddie ``[region]``
   anchor-major (``anchor*h*w + cell``). No box is dropped. ``scores[..., c]`` is the
   value Darknet thresholds into ``detection.prob[c]``: a box has class ``c`` in Darknet's
-  output iff ``scores[..., c] > thresh``, and then ``prob[c] == scores[..., c]``
-  (they agree with :func:`darknetpy.boxes.get_network_boxes` before NMS):
+  output iff ``scores[..., c] > thresh``, and then ``prob[c] == scores[..., c]`` to
+  float32 rounding (bit for bit except ``[Gaussian_yolo]``, whose sigma factor is
+  computed in float32 here and in double by Darknet; checked against
+  :func:`darknetpy.boxes.get_network_boxes` before NMS):
 
   - ``[yolo]``: objectness × class probability (``new_coords``, ``scale_x_y``, anchors
     by ``mask`` handled; anchors in network pixels);
@@ -89,6 +91,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .detect import DEFAULT_THRESH
 from .errors import DarknetError, ReferenceDataError
 from .layers.heads import GaussianYoloSpec, HeadSpec, RegionSpec
 from .verify import (DEFAULT_ATOL, DEFAULT_RTOL, Reference, VerifyReport,
@@ -406,35 +409,12 @@ class _LayerProbe(nn.Module):
 
 
 # ---------------------------------------------------------------------- exporter fixes
-def _movedim_symbolic(g, self, source, destination):
-    """``aten::movedim`` with negative dims: the built-in symbolic writes the negative
-    value into Transpose's ``perm`` (an invalid model); normalise first."""
-    from torch.onnx import symbolic_helper as sh
-    rank = sh._get_tensor_rank(self)
-    src = [int(v) % rank for v in source.reshape(-1).tolist()]
-    dst = [int(v) % rank for v in destination.reshape(-1).tolist()]
-    perm: list = [None] * rank
-    for s, d in zip(src, dst):
-        perm[d] = s
-    rest = iter(i for i in range(rank) if i not in src)
-    perm = [p if p is not None else next(rest) for p in perm]
-    if perm == list(range(rank)):
-        return self
-    return g.op("Transpose", self, perm_i=perm)
-
-
 @contextlib.contextmanager
 def _exporter_context(opset: int):
-    """Register symbolic fixes for this opset and silence the tracer's warnings."""
-    from torch.onnx import symbolic_helper as sh
-    fn = sh.parse_args("v", "t", "t")(_movedim_symbolic)
-    torch.onnx.register_custom_op_symbolic("aten::movedim", fn, opset)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        torch.onnx.unregister_custom_op_symbolic("aten::movedim", opset)
+    """Silence the tracer's warnings while exporting."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 @contextlib.contextmanager
@@ -612,11 +592,6 @@ def _sample_input(model, sample, n: int, dtype: torch.dtype, device) -> Tensor:
     return x.to(device=device, dtype=dtype).contiguous()
 
 
-def _default_thresh(profile: str) -> float:
-    """Darknet's CLI default: pjreddie ``detect`` 0.5, AlexeyAB ``detector test`` 0.25."""
-    return 0.5 if profile == "pjreddie" else 0.25
-
-
 # --------------------------------------------------------------------------- export
 def export_onnx(model, path: str | os.PathLike, *, opset: int = DEFAULT_OPSET, batch: int = 1,
                 dynamic_batch: bool = False, half: bool = False, decode: bool = False,
@@ -670,14 +645,13 @@ def export_onnx(model, path: str | os.PathLike, *, opset: int = DEFAULT_OPSET, b
     opset, batch = int(opset), int(batch)
     decode = decode or nms
     profile = model.profile
-    thresh = _default_thresh(profile) if thresh is None else float(thresh)
+    thresh = DEFAULT_THRESH[profile] if thresh is None else float(thresh)
     report = ExportReport(path=path, opset=opset)
 
     # -- the module to trace
     net_model = copy.deepcopy(model).half() if half else model
     dtype = torch.float16 if half else torch.float32
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
+    device = model.device
     decoder = HeadDecoder(net_model, thresh, hier_thresh).to(device) if decode else None
     wrapper = _Exported(net_model, decoder).eval()
 

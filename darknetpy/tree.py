@@ -320,7 +320,8 @@ def softmax_tree(x: torch.Tensor, tree: Tree, temperature: float = 1.0) -> torch
         raise ValueError("softmax_tree: temperature must not be 0")
     idx = tree._indices(x.device)
     dtype = x.dtype
-    xt = x.movedim(1, -1)
+    last = x.dim() - 1  # non-negative dims: they export to a valid ONNX Transpose
+    xt = x.movedim(1, last)
     rest_shape = xt.shape
     rows = xt.reshape(-1, tree.n)
     temp = torch.tensor(temperature, dtype=dtype, device=x.device)
@@ -338,7 +339,7 @@ def softmax_tree(x: torch.Tensor, tree: Tree, temperature: float = 1.0) -> torch
     for active, cols in idx["steps"]:                    # sum += e, in index order
         total[:, :active] = total[:, :active] + e[:, cols]
     out = e / total[:, idx["slot_of_node"]]
-    return out.reshape(rest_shape).movedim(-1, 1)
+    return out.reshape(rest_shape).movedim(last, 1)
 
 
 def hierarchy_predictions(probs: torch.Tensor, tree: Tree, only_leaves: bool, *, dim: int = -1) -> torch.Tensor:
@@ -367,12 +368,13 @@ def hierarchy_predictions(probs: torch.Tensor, tree: Tree, only_leaves: bool, *,
         raise TreeError(f"hierarchy_predictions: input has shape {tuple(probs.shape)}, expected {tree.n} "
                         f"entries along dim {dim}", path=tree.path)
     idx = tree._indices(probs.device)
-    p = probs.movedim(dim, -1).clone()
+    dim, last = dim % probs.dim(), probs.dim() - 1  # non-negative: valid ONNX Transpose
+    p = probs.movedim(dim, last).clone()
     for nodes, parents in idx["levels"]:
         p[..., nodes] = p[..., nodes] * p[..., parents]
     if only_leaves:
         p = torch.where(idx["leaf"], p, torch.zeros((), dtype=p.dtype, device=p.device))
-    return p.movedim(-1, dim)
+    return p.movedim(last, dim)
 
 
 def hierarchy_top_prediction(probs: torch.Tensor | np.ndarray | Sequence[float], tree: Tree, thresh: float,
@@ -483,7 +485,8 @@ def alexeyab_region_tree_probs(probs: torch.Tensor, objectness: torch.Tensor, th
     ``probs``'s shape without ``dim``. Returns a tensor shaped like ``probs`` with at
     most one non-zero entry per box.
     """
-    p = probs.movedim(dim, -1)
+    dim, end = dim % probs.dim(), probs.dim() - 1  # non-negative: valid ONNX Transpose
+    p = probs.movedim(dim, end)
     if objectness.shape != p.shape[:-1]:
         raise ValueError(f"objectness has shape {tuple(objectness.shape)}, expected {tuple(p.shape[:-1])}")
     n = p.shape[-1]
@@ -493,4 +496,4 @@ def alexeyab_region_tree_probs(probs: torch.Tensor, objectness: torch.Tensor, th
     out = torch.zeros_like(p)
     val = torch.gather(p, -1, last.unsqueeze(-1))
     out.scatter_(-1, last.unsqueeze(-1), torch.where(keep.unsqueeze(-1), val, torch.zeros_like(val)))
-    return out.movedim(-1, dim)
+    return out.movedim(end, dim)
