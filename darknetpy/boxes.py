@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from .image import letterbox_dims
-from .layers.heads import GaussianYoloSpec, HeadSpec, RegionSpec, YoloSpec
+from .layers.heads import NMS_KINDS, GaussianYoloSpec, HeadSpec, RegionSpec, YoloSpec
 
 __all__ = [
     "Detections",
@@ -60,10 +60,6 @@ __all__ = [
     "detector_nms",
     "NMS_KINDS",
 ]
-
-#: ``nms_kind=`` values (AlexeyAB ``parse_yolo``/``parse_gaussian_yolo``); any other
-#: string, and a missing key, mean ``default``.
-NMS_KINDS = ("default", "greedynms", "diounms", "cornersnms")
 
 _F32 = torch.float32
 

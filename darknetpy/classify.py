@@ -39,10 +39,9 @@ def predictions(model, images: list[torch.Tensor], letterbox: bool | None = None
     net = model.net
     if letterbox is None:
         letterbox = model.profile == "pjreddie"
-    p = next(model.parameters(), None)
     x = torch.stack([prepare_input(im, net.width, net.height, letterbox) for im in images])
     with torch.inference_mode():
-        out = model(x.to(p.device if p is not None else "cpu"))
+        out = model(x.to(model.device))
     if isinstance(out, tuple):
         out = out[-1]
     probs = out.float().cpu().reshape(out.shape[0], -1)  # (N, C, H, W) -> (N, classes)

@@ -39,14 +39,13 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import DarknetError
-from .weights import WeightsHeader, atomic_write, seen_is_64bit
+from .weights import DEFAULT_HEADER, WeightsHeader, atomic_write, seen_is_64bit
 
 #: file extension -> format name
 FORMATS = {".weights": "darknet", ".pt": "torch", ".pth": "torch", ".safetensors": "safetensors"}
 META_KEY = "darknetpy"
 META_FORMAT = "darknetpy.state_dict"
 META_VERSION = 1
-DEFAULT_HEADER = WeightsHeader(0, 2, 5, 0, 8)
 
 __all__ = ["convert", "ConvertReport", "ConvertError", "read_state", "write_state",
            "weights_format", "parse_header_version", "FORMATS"]

@@ -196,11 +196,7 @@ class Detector:
 
     @property
     def device(self):
-        device = getattr(self.model, "device", None)  # an optimised module knows its device
-        if device is not None:
-            return device
-        p = next(self.model.parameters(), None)
-        return p.device if p is not None else torch.device("cpu")
+        return self.model.device
 
     def detect_tensors(self, images: list[torch.Tensor], paths: list | None = None
                        ) -> list[ImageResult]:

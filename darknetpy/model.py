@@ -186,6 +186,12 @@ class Darknet(nn.Module):
     def is_detector(self) -> bool:
         return bool(self.heads)
 
+    @property
+    def device(self) -> torch.device:
+        """The device of the model's parameters (CPU for a model without any)."""
+        p = next(self.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
     def check_input(self, x: Tensor) -> None:
         """Raise :class:`InputError` unless ``x`` is (N, C, H, W) float matching ``[net]``."""
         net = self.arch.net

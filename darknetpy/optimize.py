@@ -200,8 +200,7 @@ class OptimizedDarknet(nn.Module):
         self.heads = list(model.heads)
         self.precision = precision
         self.dtype = PRECISIONS[precision]
-        param = next(model.parameters(), None)
-        self.device = param.device if param is not None else torch.device("cpu")
+        self.device = model.device
         self.channels_last = channels_last
         if any(getattr(layer, "arithmetic", "torch") != "torch" for layer in model.layers):
             log.warning("optimize: the model uses arithmetic=%r; the optimised module uses "

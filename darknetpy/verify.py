@@ -218,8 +218,7 @@ def verify_model(model, reference: Reference, *, atol: float = DEFAULT_ATOL,
         raise ReferenceDataError(f"{reference.path}: reference input has shape "
                                  f"{tuple(x.shape)}, the model expects "
                                  f"{(net.channels, net.height, net.width)}")
-    param = next(model.parameters(), None)
-    x = x[None].to(device or (param.device if param is not None else "cpu"))
+    x = x[None].to(device or model.device)
     rows = []
     with torch.inference_mode():
         for i, out in model.iter_layers(x):

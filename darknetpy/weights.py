@@ -52,6 +52,10 @@ class WeightsHeader:
         return f"{self.major}.{self.minor}.{self.revision}"
 
 
+#: What darknetpy writes when no header is known: AlexeyAB's current 0.2.5, 64-bit ``seen``.
+DEFAULT_HEADER = WeightsHeader(0, 2, 5, 0, 8)
+
+
 def seen_is_64bit(major: int, minor: int, profile: str) -> bool:
     """Darknet's rule for the width of ``seen`` (differs only for majors/minors >= 1000)."""
     if profile == "pjreddie":
@@ -145,8 +149,7 @@ def save_weights(model, path: str | os.PathLike, *, header: WeightsHeader | None
     The file is written to a temporary file in the same folder and renamed.
     """
     path = os.fspath(path)
-    header = header or getattr(model, "weights_header", None) or \
-        WeightsHeader(0, 2, 5, 0, 8)
+    header = header or getattr(model, "weights_header", None) or DEFAULT_HEADER
     parts = [struct.pack("<3i", header.major, header.minor, header.revision),
              struct.pack("<Q" if header.seen_bytes == 8 else "<i", header.seen)]
     for _, _, name, tensor in model.darknet_params():

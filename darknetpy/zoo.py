@@ -204,13 +204,13 @@ def acceptable_sizes(name: str) -> set[int]:
 
 def _header_bytes(path: Path) -> int | None:
     """20 or 16: the header size the file's own version implies (None: too short)."""
+    from .weights import parse_header
     with open(path, "rb") as f:
-        head = f.read(12)
-    if len(head) < 12:
+        head = f.read(20)
+    try:
+        return parse_header(head, "pjreddie", str(path)).size
+    except DarknetError:
         return None
-    major, minor = int.from_bytes(head[0:4], "little", signed=True), \
-        int.from_bytes(head[4:8], "little", signed=True)
-    return 20 if major * 10 + minor >= 2 else 16
 
 
 def _sha256(path: Path) -> str:
