@@ -24,7 +24,8 @@ def classifier_tree(model):
 
 def top_k(values: list[float], k: int) -> list[int]:
     """Darknet's ``utils.c: top_k``: indices of the k largest values; on ties the
-    lower index wins (strict ``>``), NaNs never win."""
+    lower index wins (strict ``>``). NaNs are left out (Darknet's insertion loop can
+    place a NaN found before k other values)."""
     order = sorted((i for i, v in enumerate(values) if v == v), key=lambda i: -values[i])
     return order[:k]
 
@@ -60,11 +61,14 @@ def classify(model, image, top: int = 5, names: list[str] | None = None,
     Raises:
         ImageError: the image cannot be read.
     """
-    probs = predictions(model, [load_image(image)], letterbox)[0]
-    values = probs.tolist()
-    names = names or [f"class_{i}" for i in range(len(values))]
-    return [(i, names[i] if i < len(names) else f"class_{i}", values[i])
-            for i in top_k(values, top)]
+    return top_rows(predictions(model, [load_image(image)], letterbox)[0].tolist(), top,
+                    names or [])
+
+
+def top_rows(values: list[float], top: int, names: list[str]) -> list[tuple[int, str, float]]:
+    """``[(class_id, name, prob)]`` of the ``top`` best classes (Darknet's ``top_k``)."""
+    from .detect import class_name
+    return [(i, class_name(names, i), values[i]) for i in top_k(values, top)]
 
 
 def format_top(rows: list[tuple[int, str, float]]) -> list[str]:

@@ -68,8 +68,9 @@ def cmd_dump(args) -> int:
     if args.input is not None:
         x = torch.from_numpy(np.load(args.input).astype(np.float32))
     else:
+        from .detect import default_letterbox
         letterbox = args.letterbox if args.letterbox is not None else \
-            (model.profile == "pjreddie" or bool(net.letter_box))
+            default_letterbox(model.profile, net.letter_box)
         x = prepare_input(load_image(args.image), net.width, net.height, letterbox)
     paths = dump(model, x.to(args.device), args.out)
     print(f"wrote {len(paths)} files to {args.out}")
@@ -207,13 +208,12 @@ def cmd_detect(args) -> int:
     from tqdm import tqdm
 
     from .detect import Detector, format_lines, load_names, to_json
-    from .draw import draw_detections, save_jpeg
+    from .draw import draw_detections, save_jpeg, to_pil
     model, images = _model_and_images(args)
     if args.optimize or args.precision != "fp32":
         from .optimize import optimize
         model = optimize(model, precision=args.precision)
-    classes = model.specs[model.heads[-1]].classes if model.heads else 0
-    names = load_names(args.names, args.data, classes) if (args.names or args.data) else None
+    names = load_names(args.names, args.data) if (args.names or args.data) else None
     detector = Detector(model, names=names, thresh=args.thresh, hier=args.hier, nms=args.nms,
                         letterbox=args.letterbox)
     results, failed = [], []
@@ -221,14 +221,12 @@ def cmd_detect(args) -> int:
         t0 = time.perf_counter()
         batch_results = detector.detect_tensors(batch, paths)
         ms = (time.perf_counter() - t0) * 1000 / len(batch)
-        for res in batch_results:
+        for im, res in zip(batch, batch_results):
             tqdm.write(f"{res.path}: Predicted in {ms:.3f} milli-seconds.")
             for line in format_lines(res, args.ext_output):
                 tqdm.write(line)
-            if args.out:
-                from PIL import Image
-                with Image.open(res.path) as pil:
-                    drawn = draw_detections(pil, res, classes)
+            if args.out:  # draw on the pixels that were detected on (byte/255, exact)
+                drawn = draw_detections(to_pil(im), res, detector.classes)
                 save_jpeg(drawn, _out_path(args.out, res.path, len(images) > 1))
             results.append(res)
     if args.json:
@@ -240,7 +238,7 @@ def cmd_detect(args) -> int:
 def cmd_classify(args) -> int:
     from tqdm import tqdm
 
-    from .classify import format_top, predictions, top_k
+    from .classify import format_top, predictions, top_rows
     from .detect import load_names
     model, images = _model_and_images(args)
     out_c, out_h, out_w = model.specs[-1].out_shape
@@ -248,11 +246,8 @@ def cmd_classify(args) -> int:
     failed: list[str] = []
     for batch, paths in _image_batches(images, args.batch_size, failed):
         for path, probs in zip(paths, predictions(model, batch, args.letterbox)):
-            values = probs.tolist()
-            rows = [(i, names[i] if i < len(names) else f"class_{i}", values[i])
-                    for i in top_k(values, args.top)]
             tqdm.write(f"{path}:")
-            for line in format_top(rows):
+            for line in format_top(top_rows(probs.tolist(), args.top, names)):
                 tqdm.write(line)
     return _failures(failed, len(images))
 

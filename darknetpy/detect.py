@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -35,7 +35,8 @@ class Detection:
     ``box``: (cx, cy, w, h) relative to the original image (0..1, may extend
     past it as in Darknet); ``box_pixels``: (left, top, width, height) in
     original-image pixels, rounded as AlexeyAB's ``-ext_output`` prints them;
-    ``best``: whether this is the box's highest class (AlexeyAB prints it first).
+    ``best``: whether this is the box's highest class (AlexeyAB prints it first);
+    ``box_index``: which box of the image it belongs to (rows of one box share it).
     """
 
     class_id: int
@@ -45,6 +46,7 @@ class Detection:
     box: tuple
     box_pixels: tuple
     best: bool = True
+    box_index: int = 0
 
 
 @dataclass
@@ -101,7 +103,8 @@ def load_names(path: str | None = None, data: str | None = None, classes: int | 
         raise DarknetError(f"{path}: cannot read names file: {e.strerror}") from None
 
 
-def _name(names: list[str], j: int) -> str:
+def class_name(names: list[str], j: int) -> str:
+    """``names[j]``, or ``class_j`` past the end of the list."""
     return names[j] if j < len(names) else f"class_{j}"
 
 
@@ -115,26 +118,28 @@ def detections_for_image(dets, names: list[str], im_w: int, im_h: int, thresh: f
     the others in class order.
     """
     kept = dets.above(thresh)
+    b = kept.boxes.to(torch.float32)  # (B, 4) cxcywh, image-relative
+    # C float arithmetic: left = x - w/2 (compare_by_lefts), then * im.w, C round()
+    left, top = b[:, 0] - b[:, 2] / 2, b[:, 1] - b[:, 3] / 2
+    pixels = torch.stack([left * im_w, top * im_h, b[:, 2] * im_w, b[:, 3] * im_h], dim=1)
+    pixels = (torch.sign(pixels) * torch.floor(pixels.abs() + 0.5)).to(torch.int64).tolist()
     boxes = kept.boxes.tolist()
-    probs = kept.prob
-    rows = []
+    probs = kept.prob.tolist()
+    above_mask = (kept.prob > torch.tensor(thresh, dtype=kept.prob.dtype)).tolist()
     order = range(len(boxes))
     if profile == "alexeyab":
-        lefts = [b[0] - b[2] / 2 for b in boxes]
+        lefts = left.tolist()
         order = sorted(order, key=lambda i: lefts[i])
-    t = torch.tensor(thresh, dtype=probs.dtype)
+    rows = []
     for i in order:
         p = probs[i]
-        above = torch.nonzero(p > t).flatten().tolist()
-        best = max(above, key=lambda j: (float(p[j]), -j))
+        above = [j for j, a in enumerate(above_mask[i]) if a]
+        best = max(above, key=lambda j: (p[j], -j))
         classes = [best] + [j for j in above if j != best] if profile == "alexeyab" else above
-        x, y, w, h = boxes[i]
-        pixels = (round((x - w / 2) * im_w), round((y - h / 2) * im_h), round(w * im_w),
-                  round(h * im_h))
         for j in classes:
-            rows.append(Detection(class_id=j, name=_name(names, j), prob=float(p[j]),
+            rows.append(Detection(class_id=j, name=class_name(names, j), prob=p[j],
                                   objectness=float(kept.objectness[i]), box=tuple(boxes[i]),
-                                  box_pixels=pixels, best=j == best))
+                                  box_pixels=tuple(pixels[i]), best=j == best, box_index=i))
     return rows
 
 
@@ -187,8 +192,11 @@ class Detector:
         self.model = model
         self.profile = model.profile
         self.specs = [model.specs[i] for i in model.heads]
-        classes = self.specs[-1].classes
-        self.names = names if names is not None else load_names(classes=classes)
+        self.classes = self.specs[-1].classes
+        self.names = names if names is not None else load_names(classes=self.classes)
+        # the layer whose classes/nms_kind the CLI's NMS reads: pjreddie the network's
+        # last layer; AlexeyAB's test_detector the last detection layer
+        self.nms_layer = model.specs[-1] if self.profile == "pjreddie" else self.specs[-1]
         self.thresh = DEFAULT_THRESH[self.profile] if thresh is None else thresh
         self.hier, self.nms = hier, nms
         self.letterbox = default_letterbox(self.profile, model.net.letter_box) \
@@ -213,7 +221,7 @@ class Detector:
                                  self.profile)
         results = []
         for k, d in enumerate(dets):
-            d = detector_nms(d, self.model.specs[-1], self.profile, self.nms)
+            d = detector_nms(d, self.nms_layer, self.profile, self.nms)
             rows = detections_for_image(d, self.names, sizes[k][0], sizes[k][1], self.thresh,
                                         self.profile)
             results.append(ImageResult(path=paths[k] if paths else None, size=sizes[k],
@@ -229,9 +237,3 @@ class Detector:
         decoded = [load_image(im) for im in images]
         paths = [os.fspath(im) if isinstance(im, (str, os.PathLike)) else None for im in images]
         return self.detect_tensors(decoded, paths)
-
-
-def result_as_dict(result: ImageResult) -> dict:
-    """A JSON-friendly dict of one image's result."""
-    return {"path": result.path, "size": list(result.size),
-            "detections": [asdict(d) for d in result.detections]}

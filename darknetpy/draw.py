@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 
+import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from .weights import atomic_write
@@ -44,13 +45,13 @@ def draw_detections(image: Image.Image, result, classes: int) -> Image.Image:
     w, h = im.size
     width = max(int(h * (.006 if result.profile == "pjreddie" else .002)), 1)
     font = ImageFont.load_default(size=max(int(h * .03), 10))
-    boxes: dict[tuple, list] = {}
-    for d in result.detections:  # group the rows of one box (same box, several classes)
-        boxes.setdefault(d.box, []).append(d)
-    for box, rows in boxes.items():
-        first = min(rows, key=lambda d: d.class_id) if result.profile == "pjreddie" else rows[0]
+    boxes: dict[int, list] = {}
+    for d in result.detections:  # group the rows of one box (several classes)
+        boxes.setdefault(d.box_index, []).append(d)
+    for rows in boxes.values():
+        first = rows[0]  # pjreddie: lowest class; AlexeyAB: best class
         color = class_color(first.class_id, classes)
-        x, y, bw, bh = box
+        x, y, bw, bh = first.box
         left = min(max(int((x - bw / 2) * w), 0), w - 1)
         right = min(max(int((x + bw / 2) * w), 0), w - 1)
         top = min(max(int((y - bh / 2) * h), 0), h - 1)
@@ -59,7 +60,7 @@ def draw_detections(image: Image.Image, result, classes: int) -> Image.Image:
             draw.rectangle((left + i, top + i, max(right - i, left + i), max(bot - i, top + i)),
                            outline=color)
         if result.profile == "pjreddie":
-            label = ", ".join(d.name for d in sorted(rows, key=lambda d: d.class_id))
+            label = ", ".join(d.name for d in rows)
         else:
             label = ", ".join(f"{d.name}: {d.prob:.2f}" for d in rows)
         tl, tt, tr, tb = draw.textbbox((0, 0), label, font=font)
@@ -70,10 +71,16 @@ def draw_detections(image: Image.Image, result, classes: int) -> Image.Image:
     return im
 
 
+def to_pil(im: torch.Tensor) -> Image.Image:
+    """A (3, H, W) float RGB 0..1 tensor (byte/255, as loaded) back to an RGB PIL image."""
+    u8 = (im * 255).round().clamp(0, 255).to(torch.uint8)  # (3, H, W)
+    return Image.fromarray(u8.permute(1, 2, 0).contiguous().numpy())  # (H, W, 3)
+
+
 def save_jpeg(image: Image.Image, path: str) -> None:
     """Save as JPEG (or by extension) atomically: temp file + rename."""
     import io
     buf = io.BytesIO()
     fmt = {".png": "PNG", ".bmp": "BMP"}.get(os.path.splitext(path)[1].lower(), "JPEG")
-    image.save(buf, format=fmt, quality=95) if fmt == "JPEG" else image.save(buf, format=fmt)
+    image.save(buf, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
     atomic_write(path, buf.getvalue())

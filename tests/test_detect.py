@@ -95,3 +95,34 @@ def test_bad_image_is_reported_and_skipped(reference_dir, tmp_path, capsys):
     assert rc == 1
     assert "broken.jpg" in captured.err
     assert "dog: " in captured.out  # the good image still ran
+
+
+def test_ext_output_pixels_round_like_c():
+    """AlexeyAB: round((x - w/2) * im.w) in float32 with C's round-half-away-from-zero
+    (the reviewer's case: double arithmetic and Python's round give 568)."""
+    import torch
+
+    from darknetpy.boxes import Detections
+    from darknetpy.detect import detections_for_image
+    d = Detections(boxes=torch.tensor([[0.9034947, 0.5, 0.0304269, 0.2]]),
+                   objectness=torch.tensor([0.9]), prob=torch.tensor([[0.9]]))
+    (row,) = detections_for_image(d, ["x"], 640, 480, 0.5, "alexeyab")
+    assert row.box_pixels[0] == 569
+
+
+def test_identical_boxes_are_drawn_separately():
+    import torch
+    from PIL import Image
+
+    from darknetpy.boxes import Detections
+    from darknetpy.detect import ImageResult, detections_for_image
+    from darknetpy.draw import class_color, draw_detections
+    d = Detections(boxes=torch.tensor([[0.5, 0.5, 0.4, 0.4]] * 2),
+                   objectness=torch.tensor([0.9, 0.9]), prob=torch.tensor([[0.9, 0], [0, 0.8]]))
+    rows = detections_for_image(d, ["a", "b"], 100, 100, 0.5, "pjreddie")
+    assert [r.box_index for r in rows] == [0, 1]
+    out = draw_detections(Image.new("RGB", (100, 100)), ImageResult(None, (100, 100), rows,
+                                                                     "pjreddie"), 2)
+    # the second box (class 1) is drawn too, over the first: its colour is on the outline
+    assert class_color(0, 2) != class_color(1, 2)
+    assert class_color(1, 2) in {out.getpixel((x, 60)) for x in range(25, 35)}
