@@ -526,20 +526,32 @@ def _partition(objectness: Tensor) -> tuple[list[int], int]:
     return order, k + 1
 
 
-#: Above this many candidate boxes the (U, U) suppression matrix is not built once;
-#: each class then computes the matrix of its own candidates.
-_GLOBAL_MATRIX_LIMIT = 8192
-#: Rows per chunk when computing a suppression matrix (bounds temporary memory).
+#: Rows per chunk when computing the metric between boxes (bounds temporary memory).
 _CHUNK = 1024
 
 
-def _over_matrix(boxes: Tensor, metric: Callable[[Tensor, Tensor], Tensor], thresh: Tensor) -> np.ndarray:
-    """``metric(boxes[r], boxes[c]) > thresh`` for all pairs, as a (U, U) numpy bool array."""
+def _neighbours(boxes: Tensor, metric: Callable[[Tensor, Tensor], Tensor], thresh: Tensor
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs with ``metric(i, j) > thresh`` (i != j) as CSR arrays ``(indptr, cols)``.
+
+    ``boxes``: (U, 4) cxcywh. Only the upper triangle is computed, chunk by chunk, and
+    mirrored: the metrics here are symmetric bit for bit (tested). Memory is
+    O(chunk × U + pairs), never a (U, U) matrix.
+    """
     u = boxes.shape[0]
-    over = np.empty((u, u), dtype=bool)
+    rows, cols = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
     for r in range(0, u, _CHUNK):
-        over[r:r + _CHUNK] = (metric(boxes[r:r + _CHUNK], boxes) > thresh).numpy()
-    return over
+        over = (metric(boxes[r:r + _CHUNK], boxes[r:]) > thresh).numpy()  # (chunk, U - r)
+        rr, cc = np.nonzero(over)
+        rr, cc = rr + r, cc + r
+        upper = rr < cc
+        rows.append(rr[upper])
+        cols.append(cc[upper])
+    r_, c_ = np.concatenate(rows), np.concatenate(cols)
+    src, dst = np.concatenate([r_, c_]), np.concatenate([c_, r_])
+    indptr = np.zeros(u + 1, dtype=np.int64)
+    np.cumsum(np.bincount(src, minlength=u), out=indptr[1:])
+    return indptr, dst[np.argsort(src, kind="stable")]
 
 
 def _nms(dets: Detections, classes: int | None, metric: Callable[[Tensor, Tensor], Tensor] | None,
@@ -553,9 +565,11 @@ def _nms(dets: Detections, classes: int | None, metric: Callable[[Tensor, Tensor
     with ``metric(i, j) > thresh``. A class with no non-zero prob leaves the order as
     it is and is skipped. ``metric=None``: sort only, no suppression.
 
-    The metric does not depend on the class, so ``metric > thresh`` is computed once
-    for all boxes that are candidates of some class (a bool matrix); each class then
-    only walks its candidates. The metrics used here are symmetric bit for bit.
+    The metric does not depend on the class, so its over-threshold pairs are found once
+    (sparse, :func:`_neighbours`) for all boxes that are candidates of some class. A
+    surviving box then marks all its neighbours: marking an earlier one changes nothing
+    (an earlier survivor would already have suppressed this box, by symmetry), so the
+    result is exactly Darknet's greedy loop.
     """
     c = dets.classes if classes is None else int(classes)
     if c > dets.classes:
@@ -564,18 +578,16 @@ def _nms(dets: Detections, classes: int | None, metric: Callable[[Tensor, Tensor
     order = np.asarray(order_list, dtype=np.int64)
     prob = dets.prob.detach().to("cpu", _F32).numpy().copy()       # (B, C)
     boxes = dets.boxes.detach().to("cpu", _F32)                      # (B, 4)
-    thr = torch.tensor(np.float32(thresh))
     head = order[:total]
     nonzero = prob[head, :c] != 0                                    # (total, c)
     active = np.flatnonzero(nonzero.any(axis=0)).tolist()
-    over = None
-    slot = None
     if metric is not None and active:
         union = head[nonzero[:, active].any(axis=1)]                 # candidates of some class
-        if len(union) <= _GLOBAL_MATRIX_LIMIT:
-            over = _over_matrix(boxes[torch.from_numpy(union)], metric, thr)
-            slot = np.full(len(prob), -1, dtype=np.int64)
-            slot[union] = np.arange(len(union))
+        slot = np.full(len(prob), -1, dtype=np.int64)
+        slot[union] = np.arange(len(union))
+        indptr, cols = _neighbours(boxes[torch.from_numpy(union)], metric,
+                                   torch.tensor(np.float32(thresh)))
+        nbrs: list = [None] * len(union)                             # built lazily
     for k in active:
         keys = prob[head, k]
         head = head[np.argsort(-keys, kind="stable")]
@@ -583,19 +595,18 @@ def _nms(dets: Detections, classes: int | None, metric: Callable[[Tensor, Tensor
         cand = head[:m]                                              # sorted by prob[k] desc
         removed = np.zeros(m, dtype=bool)
         if metric is not None and m > 1:
-            if over is not None:
-                rows, cols = slot[cand], slot[cand]
-                for i in range(m - 1):
-                    if not removed[i]:
-                        removed[i + 1:] |= over[rows[i], cols[i + 1:]]
-            else:
-                sub = _over_matrix(boxes[torch.from_numpy(cand)], metric, thr)
-                for i in range(m - 1):
-                    if not removed[i]:
-                        removed[i + 1:] |= sub[i, i + 1:]
+            s = slot[cand]
+            marked = bytearray(len(union))
+            for x in s.tolist():                                     # Darknet's i loop
+                if not marked[x]:                                    # still non-zero: suppresses
+                    if nbrs[x] is None:
+                        nbrs[x] = cols[indptr[x]:indptr[x + 1]].tolist()
+                    for y in nbrs[x]:
+                        marked[y] = 1
+            removed = np.frombuffer(bytes(marked), dtype=bool)[s]
             prob[cand[removed], k] = 0
         if on_class is not None:
-            on_class(k, torch.from_numpy(cand.copy()), torch.from_numpy(removed))
+            on_class(k, torch.from_numpy(cand.copy()), torch.from_numpy(removed.copy()))
     order = torch.from_numpy(np.concatenate([head, order[total:]]))
     out = Detections(boxes=dets.boxes, objectness=dets.objectness,
                      prob=torch.from_numpy(prob).to(dets.prob.device, dets.prob.dtype),
