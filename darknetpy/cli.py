@@ -15,15 +15,20 @@ from .errors import DarknetError
 log = logging.getLogger("darknetpy")
 
 
-def _add_model_args(p: argparse.ArgumentParser, weights: bool = True) -> None:
-    p.add_argument("cfg", help="Darknet .cfg file")
-    if weights:
-        p.add_argument("weights", help="Darknet .weights file")
+def _add_build_options(p: argparse.ArgumentParser) -> None:
+    """--profile, --width, --height, --tree: how the network is built from its cfg."""
     p.add_argument("--profile", choices=("pjreddie", "alexeyab"),
                    help="which Darknet to follow (default: chosen from the cfg)")
     p.add_argument("--width", type=int, help="override [net] width")
     p.add_argument("--height", type=int, help="override [net] height")
     p.add_argument("--tree", help=".tree file for tree= options (default: next to the cfg)")
+
+
+def _add_model_args(p: argparse.ArgumentParser, weights: bool = True) -> None:
+    p.add_argument("cfg", help="Darknet .cfg file")
+    if weights:
+        p.add_argument("weights", help="Darknet .weights file")
+    _add_build_options(p)
 
 
 def _add_image_command_args(p: argparse.ArgumentParser) -> None:
@@ -34,11 +39,7 @@ def _add_image_command_args(p: argparse.ArgumentParser) -> None:
     names = p.add_mutually_exclusive_group()
     names.add_argument("--names", help="class names file, one per line")
     names.add_argument("--data", help="Darknet .data file with names=")
-    p.add_argument("--profile", choices=("pjreddie", "alexeyab"),
-                   help="which Darknet to follow (default: chosen from the cfg)")
-    p.add_argument("--width", type=int, help="override [net] width")
-    p.add_argument("--height", type=int, help="override [net] height")
-    p.add_argument("--tree", help=".tree file for tree= options")
+    _add_build_options(p)
 
 
 def _add_device(p: argparse.ArgumentParser) -> None:
