@@ -318,11 +318,7 @@ def batchnorm(x: Tensor, bn) -> Tensor:
     differs from this in the last bit for ~20% of the elements.)
     """
     shape = (1, -1) + (1,) * (x.dim() - 2)
-    var = bn.running_var.detach()
-    if bn.profile == "pjreddie":
-        std = torch.sqrt(var.double()) + float(torch.tensor(1e-6, dtype=torch.float32))
-    else:
-        std = torch.sqrt((var + torch.tensor(1e-5, dtype=var.dtype)).double())
+    std = bn.std(sqrt_dtype=torch.float64, c_float_eps=True).detach()
     mean, scale, bias = (t.detach().view(shape) for t in (bn.running_mean, bn.weight, bn.bias))
     if _numpy_path(x):  # numpy: single-threaded, fewer temporaries than torch here
         q = np.subtract(x.detach().numpy(), mean.numpy()).astype(np.float64)

@@ -51,8 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers.activations import get_activation
-from .layers.conv import Convolutional
+from .layers.activations import ACTIVATIONS
+from .layers.conv import Convolutional, bn_std
 from .layers.heads import HeadActivation
 from .layers.merge import Route, Shortcut
 from .layers.misc import Identity
@@ -62,46 +62,20 @@ log = logging.getLogger("darknetpy")
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-#: Darknet activation -> (oneDNN post-op name, scalars) for the fused CPU convolution.
-FUSED_ACTIVATIONS = {
-    "linear": ("none", []),
-    "leaky": ("leaky_relu", [0.1]),
-    "relu": ("relu", []),
-    "logistic": ("sigmoid", []),
-    "swish": ("swish", []),
-    "tanh": ("tanh", []),
-    "relu6": ("hardtanh", [0.0, 6.0]),
-    "hardtan": ("hardtanh", [-1.0, 1.0]),
-}
-
-#: Darknet activation -> statement applied in place to a fresh tensor ``{v}``.
-INPLACE_ACTIVATIONS = {
-    "linear": None,
-    "leaky": "torch._C._nn.leaky_relu_({v}, 0.1)",
-    "relu": "{v}.relu_()",
-    "logistic": "{v}.sigmoid_()",
-    "swish": "F.silu({v}, inplace=True)",
-    "mish": "F.mish({v}, inplace=True)",
-    "tanh": "{v}.tanh_()",
-    "relu6": "{v}.clamp_(0, 6)",
-    "hardtan": "{v}.clamp_(-1, 1)",
-}
-
 
 def fold_batchnorm(layer: Convolutional, profile: str) -> tuple[Tensor, Tensor]:
     """``(weight, bias)`` of ``layer.conv`` with its batch norm folded in, float64.
 
-    pjreddie: ``f = scale / (sqrt(var) + 1e-6)``; AlexeyAB: ``f = scale / sqrt(var + 1e-5)``;
-    ``weight' = weight * f`` (per output channel), ``bias' = bias - mean * f``.
+    ``f = scale / std`` with the profile's divisor (:func:`~darknetpy.layers.conv.bn_std`
+    of the float64 variance); ``weight' = weight * f`` (per output channel),
+    ``bias' = bias - mean * f``.
     Without batch norm: the conv's own weight and bias. Shapes (O, I/g, k, k) and (O,).
     """
     w = layer.conv.weight.detach().double()
     if layer.bn is None:
         return w, layer.conv.bias.detach().double()
     bn = layer.bn
-    var = bn.running_var.detach().double()
-    std = torch.sqrt(var) + 1e-6 if profile == "pjreddie" else torch.sqrt(var + 1e-5)
-    f = bn.weight.detach().double() / std
+    f = bn.weight.detach().double() / bn_std(bn.running_var.detach().double(), profile)
     bias = bn.bias.detach().double() - bn.running_mean.detach().double() * f
     return w * f.view(-1, 1, 1, 1), bias
 
@@ -109,9 +83,8 @@ def fold_batchnorm(layer: Convolutional, profile: str) -> tuple[Tensor, Tensor]:
 def _mkldnn_pointwise_ok(dtype: torch.dtype) -> bool:
     """Whether oneDNN's fused conv + post-op with pre-packed weights works here (and
     agrees with ``F.conv2d``) for ``dtype``, checked once on a tiny convolution."""
-    key = dtype
-    if key in _MKLDNN_OK:
-        return _MKLDNN_OK[key]
+    if dtype in _MKLDNN_OK:
+        return _MKLDNN_OK[dtype]
     ok = False
     try:
         if torch.backends.mkldnn.is_available():
@@ -134,7 +107,7 @@ def _mkldnn_pointwise_ok(dtype: torch.dtype) -> bool:
     except Exception as e:  # pragma: no cover - depends on the build
         log.debug("oneDNN fused convolution unavailable: %s", e)
         ok = False
-    _MKLDNN_OK[key] = ok
+    _MKLDNN_OK[dtype] = ok
     return ok
 
 
@@ -148,29 +121,24 @@ def _pack(w: Tensor, padding, stride, dilation, groups, input_size) -> Tensor:
 
 
 class _Codegen:
-    """Builds the source of the straight-line forward function."""
+    """Names the constants (tensors, modules) the generated source refers to."""
 
-    def __init__(self, trace: bool):
-        self.trace = trace
-        self.lines: list[str] = []
-        self.consts: dict[str, object] = {}
+    def __init__(self, consts: dict[str, object]):
+        self.consts = consts
 
     def const(self, name: str, value) -> str:
         self.consts[name] = value
         return name
-
-    def emit(self, line: str) -> None:
-        self.lines.append(line)
 
 
 def _activation_code(act: str, v: str, cg: "_Codegen") -> list[str]:
     """Statements applying activation ``act`` to variable ``v`` (in place where possible)."""
     if act == "linear":
         return []
-    tmpl = INPLACE_ACTIVATIONS.get(act)
-    if tmpl is not None:
-        return [tmpl.format(v=v)]
-    fn = cg.const(f"act_{act}", get_activation(act))
+    entry = ACTIVATIONS[act]
+    if entry.inplace is not None:
+        return [entry.inplace.format(v=v)]
+    fn = cg.const(f"act_{act}", entry.fn)
     return [f"{v} = {fn}({v})"]
 
 
@@ -219,8 +187,7 @@ class OptimizedDarknet(nn.Module):
         self._consts: dict[str, object] = {}
         self.code = self._generate(model, trace=False)
         self._fn = self._compile_source(self.code)
-        self._trace_code = self._generate(model, trace=True)
-        self._trace_fn = self._compile_source(self._trace_code)
+        self._trace_fn = self._compile_source(self._generate(model, trace=True))
         self.compiled = False
         if compile:
             self._fn = torch.compile(self._fn, dynamic=False)
@@ -255,7 +222,7 @@ class OptimizedDarknet(nn.Module):
                         blur=None, fused=False)
             if self.channels_last:
                 w = w.contiguous(memory_format=torch.channels_last)
-            if self._use_mkldnn and spec.activation in FUSED_ACTIVATIONS:
+            if self._use_mkldnn and ACTIVATIONS[spec.activation].onednn is not None:
                 try:
                     w = _pack(w, info["padding"], info["stride"], info["dilation"],
                               info["groups"], [1, *spec.in_shape])
@@ -276,8 +243,7 @@ class OptimizedDarknet(nn.Module):
         """Source of ``forward(x)`` (or, with ``trace``, a generator of every layer's output)."""
         specs, layers = model.specs, model.layers
         n_layers = len(specs)
-        cg = _Codegen(trace)
-        cg.consts = self._consts
+        cg = _Codegen(self._consts)
         cf = "torch.channels_last" if self.channels_last else "torch.contiguous_format"
         # variable of each layer's output; aliasing layers (single-input route, identity)
         # reuse their input's variable
@@ -303,16 +269,13 @@ class OptimizedDarknet(nn.Module):
                 src = read(i, prev)
                 geo = f"{info['padding']}, {info['stride']}, {info['dilation']}, {info['groups']}"
                 if info["fused"]:
-                    attr, scalars = FUSED_ACTIVATIONS[info["act"]]
+                    attr, scalars = ACTIVATIONS[info["act"]].onednn
                     stmts.append(f"{out} = conv_pw({src}, {wn}, {bn}, {geo}, {attr!r}, "
-                                 f"{scalars!r}, '')")
-                    self_act = None
+                                 f"{list(scalars)!r}, '')")
                 else:
                     stmts.append(f"{out} = F.conv2d({src}, {wn}, {bn}, {info['stride']}, "
                                  f"{info['padding']}, {info['dilation']}, {info['groups']})")
-                    self_act = info["act"]
-                if self_act is not None:
-                    stmts += _activation_code(self_act, out, cg)
+                    stmts += _activation_code(info["act"], out, cg)
                 if info["blur"] is not None:
                     bl = info["blur"]
                     bw = cg.const(f"blur{i}", bl["w"])
@@ -367,7 +330,7 @@ class OptimizedDarknet(nn.Module):
             else:
                 # no fast path: the layer's own module, in float32 for safety
                 m = cg.const(f"mod{i}", layer)
-                if i not in self.fallback and not trace:
+                if not trace:
                     self.fallback.append(i)
                     self.modules_.append(layer)
                 src = read(i, prev)
@@ -384,10 +347,9 @@ class OptimizedDarknet(nn.Module):
         # liveness: the last layer reading each variable; outputs live to the end
         out_vars = {var[i] for i in outputs}
         last_read = {v: max(ls) for v, ls in reads.items()}
-        lines = ["def forward(x):" if not trace else "def forward(x):"]
+        lines = ["def forward(x):"]
         lines.append(f"    x = x.to(device=DEVICE, dtype=DTYPE, memory_format={cf})")
         for i, stmts in body:
-            spec = specs[i]
             for st in stmts:
                 if "INPLACE_ADD(" in st:
                     # in place when the left operand dies here and is read once by this layer

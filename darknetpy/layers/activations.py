@@ -1,4 +1,4 @@
-"""Darknet activations: one table, name -> elementwise function.
+"""Darknet activations: one table, name -> elementwise function (and its in-place form).
 
 Mirrors ``activations.c``/``activations.h`` (pjreddie and AlexeyAB). Every
 function maps a tensor of any shape to one of the same shape. Darknet silently
@@ -11,6 +11,7 @@ same values to float32 rounding.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -52,27 +53,45 @@ def _gelu(x: Tensor) -> Tensor:
     return 0.5 * x * (1 + torch.tanh(0.797885 * x + 0.035677 * x * x * x))
 
 
-#: name -> function, as Darknet spells the names in cfg files.
-ACTIVATIONS: dict[str, ActivationFn] = {
-    "linear": lambda x: x,
-    "logistic": torch.sigmoid,
-    "loggy": lambda x: 2 * torch.sigmoid(x) - 1,
-    "relu": F.relu,
-    "relu6": lambda x: torch.clamp(x, 0, 6),
-    "elu": lambda x: torch.where(x >= 0, x, torch.exp(x) - 1),
-    "selu": _selu,
-    "gelu": _gelu,
-    "relie": lambda x: torch.where(x > 0, x, 0.01 * x),
-    "ramp": lambda x: F.relu(x) + 0.1 * x,
-    "leaky": lambda x: F.leaky_relu(x, 0.1),
-    "tanh": torch.tanh,
-    "plse": _plse,
-    "stair": _stair,
-    "hardtan": lambda x: torch.clamp(x, -1, 1),
-    "lhtan": _lhtan,
-    "swish": F.silu,
-    "mish": _mish,
-    "hard_mish": _hard_mish,
+@dataclass(frozen=True)
+class ActivationDef:
+    """One Darknet activation: ``fn`` (out of place; calling the entry calls it), and for
+    :mod:`darknetpy.optimize`: ``inplace``, a Python statement applying it in place to a
+    fresh tensor ``{v}`` (None: none, or nothing to do for ``linear``), and ``onednn``,
+    the ``(post-op name, scalars)`` fusing it into oneDNN's CPU convolution (None: none)."""
+
+    fn: ActivationFn
+    inplace: str | None = None
+    onednn: tuple[str, tuple[float, ...]] | None = None
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.fn(x)
+
+
+#: name (as Darknet spells it in cfg files) -> :class:`ActivationDef`.
+ACTIVATIONS: dict[str, ActivationDef] = {
+    "linear": ActivationDef(lambda x: x, None, ("none", ())),
+    "logistic": ActivationDef(torch.sigmoid, "{v}.sigmoid_()", ("sigmoid", ())),
+    "loggy": ActivationDef(lambda x: 2 * torch.sigmoid(x) - 1),
+    "relu": ActivationDef(F.relu, "{v}.relu_()", ("relu", ())),
+    "relu6": ActivationDef(lambda x: torch.clamp(x, 0, 6), "{v}.clamp_(0, 6)",
+                           ("hardtanh", (0.0, 6.0))),
+    "elu": ActivationDef(lambda x: torch.where(x >= 0, x, torch.exp(x) - 1)),
+    "selu": ActivationDef(_selu),
+    "gelu": ActivationDef(_gelu),
+    "relie": ActivationDef(lambda x: torch.where(x > 0, x, 0.01 * x)),
+    "ramp": ActivationDef(lambda x: F.relu(x) + 0.1 * x),
+    "leaky": ActivationDef(lambda x: F.leaky_relu(x, 0.1), "torch._C._nn.leaky_relu_({v}, 0.1)",
+                           ("leaky_relu", (0.1,))),
+    "tanh": ActivationDef(torch.tanh, "{v}.tanh_()", ("tanh", ())),
+    "plse": ActivationDef(_plse),
+    "stair": ActivationDef(_stair),
+    "hardtan": ActivationDef(lambda x: torch.clamp(x, -1, 1), "{v}.clamp_(-1, 1)",
+                             ("hardtanh", (-1.0, 1.0))),
+    "lhtan": ActivationDef(_lhtan),
+    "swish": ActivationDef(F.silu, "F.silu({v}, inplace=True)", ("swish", ())),
+    "mish": ActivationDef(_mish, "F.mish({v}, inplace=True)"),
+    "hard_mish": ActivationDef(_hard_mish),
 }
 
 #: Activations only AlexeyAB's Darknet knows (used to pick the profile).
@@ -89,7 +108,7 @@ def get_activation(name: str) -> ActivationFn:
         parsing a cfg turn it into a :class:`CfgError` with the location.)
     """
     try:
-        return ACTIVATIONS[name]
+        return ACTIVATIONS[name].fn
     except KeyError:
         raise KeyError(f"unknown activation {name!r}; known: {', '.join(sorted(ACTIVATIONS))}") \
             from None

@@ -20,8 +20,32 @@ from ..cfg import Section
 
 #: batch-norm epsilon handling per profile: pjreddie CPU ``normalize_cpu`` adds
 #: 1e-6 to the standard deviation; AlexeyAB (and pjreddie's GPU/cuDNN) add 1e-5
-#: to the variance.
+#: to the variance. :func:`bn_std` computes it.
 BN_FORMULAS = {"pjreddie": "sqrt_var_plus_1e-6", "alexeyab": "var_plus_1e-5"}
+#: the epsilon of :data:`BN_FORMULAS` (C's ``.000001f`` / ``.00001f``).
+BN_EPS = {"pjreddie": 1e-6, "alexeyab": 1e-5}
+
+
+def bn_std(var: Tensor, profile: str, *, sqrt_dtype: torch.dtype | None = None,
+           c_float_eps: bool = False) -> Tensor:
+    """The per-channel divisor of Darknet's batch norm, shape of ``var`` (C,).
+
+    pjreddie: ``sqrt(var) + eps``; alexeyab: ``sqrt(var + eps)`` (eps: :data:`BN_EPS`).
+    ``var + eps`` is computed in ``var``'s dtype; the square root (and pjreddie's
+    ``+ eps`` after it) in ``sqrt_dtype`` (default: ``var``'s dtype). ``c_float_eps``:
+    eps is the C ``float`` literal (the decimal rounded to float32, as ``normalize_cpu``
+    uses it), else the Python float.
+    """
+    eps = BN_EPS[profile]
+    if c_float_eps:
+        eps = float(torch.tensor(eps, dtype=torch.float32))
+
+    def sqrt(t: Tensor) -> Tensor:
+        return torch.sqrt(t if sqrt_dtype is None else t.to(sqrt_dtype))
+
+    if profile == "pjreddie":
+        return sqrt(var) + eps
+    return sqrt(var + eps)
 
 
 class DarknetBatchNorm(nn.Module):
@@ -42,11 +66,11 @@ class DarknetBatchNorm(nn.Module):
         self.register_buffer("running_mean", torch.zeros(channels))
         self.register_buffer("running_var", torch.ones(channels))
 
-    def std(self) -> Tensor:
-        """The per-channel divisor of the profile's formula, shape (C,)."""
-        if self.profile == "pjreddie":
-            return torch.sqrt(self.running_var) + 1e-6
-        return torch.sqrt(self.running_var + 1e-5)
+    def std(self, *, sqrt_dtype: torch.dtype | None = None, c_float_eps: bool = False) -> Tensor:
+        """The per-channel divisor of the profile's formula, shape (C,): :func:`bn_std`
+        of ``running_var`` with these options."""
+        return bn_std(self.running_var, self.profile, sqrt_dtype=sqrt_dtype,
+                      c_float_eps=c_float_eps)
 
     def forward(self, x: Tensor) -> Tensor:
         shape = (1, -1) + (1,) * (x.dim() - 2)  # (C,) -> (1, C, 1, 1)
