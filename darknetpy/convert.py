@@ -168,7 +168,12 @@ def read_state(path: str | os.PathLike, cfg=None, *, profile: str | None = None,
         ConvertError: unknown format, ``.weights`` without a cfg, unreadable file.
         WeightsError, CfgError: a ``.weights`` file that does not fit the cfg.
     """
-    path = os.fspath(path)
+    return _read(os.fspath(path), cfg, profile, allow_trailing_bytes, tree)[:3]
+
+
+def _read(path: str, cfg, profile: str | None, allow_trailing_bytes: bool, tree: str | None):
+    """:func:`read_state`'s ``(state_dict, header, meta)`` plus the model the state dict
+    belongs to (a ``.weights`` source, loaded into the cfg's model), else None."""
     fmt = weights_format(path)
     if not os.path.isfile(path):
         raise ConvertError("file not found", path=path)
@@ -177,8 +182,9 @@ def read_state(path: str | os.PathLike, cfg=None, *, profile: str | None = None,
             raise ConvertError("reading a .weights file needs its cfg (cfg=...)", path=path)
         model = _build(cfg, profile, tree)
         header = model.load_weights(path, allow_trailing_bytes=allow_trailing_bytes)
-        sd = OrderedDict((k, v.detach().clone()) for k, v in model.state_dict().items())
-        return sd, header, _header_meta(header, model.profile, cfg)
+        # the model's own (detached) tensors, in a plain OrderedDict: no copies
+        sd = OrderedDict(model.state_dict())
+        return sd, header, _header_meta(header, model.profile, cfg), model
     if fmt == "torch":
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -193,13 +199,11 @@ def read_state(path: str | os.PathLike, cfg=None, *, profile: str | None = None,
             meta = inner.get(META_KEY) or outer.get(META_KEY) or meta
         if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
             raise ConvertError("not a state dict (a mapping of names to tensors)", path=path)
-        sd = OrderedDict((k, v) for k, v in obj.items())
-        return sd, _header_from_meta(meta, path), dict(meta)
+        return OrderedDict(obj), _header_from_meta(meta, path), dict(meta), None
     try:
         from safetensors import safe_open
-        from safetensors.torch import load_file
-        tensors = load_file(path, device="cpu")
-        with safe_open(path, framework="pt") as f:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
             raw = f.metadata() or {}
     except Exception as e:  # noqa: BLE001
         raise ConvertError(f"cannot read as safetensors: {e}", path=path) from None
@@ -209,7 +213,7 @@ def read_state(path: str | os.PathLike, cfg=None, *, profile: str | None = None,
             meta = json.loads(raw[META_KEY])
         except ValueError:
             raise ConvertError("malformed darknetpy metadata", path=path) from None
-    return OrderedDict(tensors), _header_from_meta(meta, path), meta
+    return OrderedDict(tensors), _header_from_meta(meta, path), meta, None
 
 
 def _fit(sd: "OrderedDict[str, torch.Tensor]", model, path: str) -> None:
@@ -247,11 +251,27 @@ def write_state(path: str | os.PathLike, sd, header: WeightsHeader | None, *, cf
     """
     path = os.fspath(path)
     fmt = weights_format(path)
-    if fmt == "darknet" or cfg is not None:
-        if cfg is None:
-            raise ConvertError("writing a .weights file needs its cfg (cfg=...)", path=path)
-        model = _build(cfg, profile, tree)
-        _fit(sd, model, path)
+    return _write(path, fmt, sd, header, _model_for(path, fmt, sd, cfg, profile, tree), cfg,
+                  profile)
+
+
+def _model_for(path: str, fmt: str, sd, cfg, profile: str | None, tree: str | None):
+    """The cfg's model holding ``sd`` (checked by :func:`_fit`) when writing ``fmt`` needs one
+    or a cfg is given to check against; else None."""
+    if fmt != "darknet" and cfg is None:
+        return None
+    if cfg is None:
+        raise ConvertError("writing a .weights file needs its cfg (cfg=...)", path=path)
+    model = _build(cfg, profile, tree)
+    _fit(sd, model, path)
+    return model
+
+
+def _write(path: str, fmt: str, sd, header: WeightsHeader | None, model, cfg,
+           profile: str | None) -> int:
+    """:func:`write_state` once ``model`` (from :func:`_model_for`, or the one ``sd`` was read
+    from) is known."""
+    if model is not None:
         profile = model.profile
     if fmt == "darknet":
         from .weights import save_weights
@@ -304,8 +324,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, cfg: str | os.PathLi
     src_fmt, dst_fmt = weights_format(src), weights_format(dst)
     if dst_fmt == "darknet" and cfg is None:
         raise ConvertError("writing a .weights file needs its cfg (cfg=...)", path=dst)
-    sd, header, meta = read_state(src, cfg, profile=profile,
-                                  allow_trailing_bytes=allow_trailing_bytes, tree=tree)
+    sd, header, meta, model = _read(src, cfg, profile, allow_trailing_bytes, tree)
     profile = profile or meta.get("profile")
     notes = []
     if header_version is not None:
@@ -323,7 +342,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, cfg: str | os.PathLi
     elif header.seen_bytes == 4 and dst_fmt == "darknet":
         notes.append(f"old {header.version} header kept (16 bytes, 32-bit seen); pass "
                      "header_version='0.2.5' to rewrite it")
-    nbytes = write_state(dst, sd, header, cfg=cfg, profile=profile, tree=tree)
+    if model is None:  # a .weights source is already in its cfg's model
+        model = _model_for(dst, dst_fmt, sd, cfg, profile, tree)
+    nbytes = _write(dst, dst_fmt, sd, header, model, cfg, profile)
     return ConvertReport(src=src, dst=dst, src_format=src_fmt, dst_format=dst_fmt, header=header,
                          tensors=len(sd), parameters=sum(v.numel() for v in sd.values()),
                          bytes=nbytes, notes=notes)
