@@ -309,6 +309,9 @@ def download(name: str, *, progress: bool = True, url: str | None = None,
     sizes = acceptable_sizes(name)
 
     for attempt in range(1, MAX_ATTEMPTS + 1):
+        if _complete_part(name, part, sizes):   # checked (hashed) once, here
+            os.replace(part, final)
+            return final
         received = _fetch(name, url, part, final, sizes, progress, timeout)
         if received is None:           # complete
             break
@@ -337,6 +340,17 @@ def download(name: str, *, progress: bool = True, url: str | None = None,
     return final
 
 
+def _complete_part(name: str, part: Path, sizes: set[int]) -> bool:
+    """Whether an earlier attempt (or call) already left the whole, valid file in ``part``;
+    a ``part`` of a valid size that fails the checks is deleted."""
+    if not (part.is_file() and part.stat().st_size in sizes):
+        return False
+    if _problem(name, part) is None:
+        return True
+    part.unlink()
+    return False
+
+
 class _Interrupted(int):
     """Bytes received by an attempt that ended early, with the reason."""
 
@@ -358,11 +372,6 @@ def _fetch(name: str, url: str, part: Path, final: Path, sizes: set[int], progre
     info = MODELS[name]
     start = part.stat().st_size if part.is_file() else 0
     if sizes and start > max(sizes):
-        part.unlink()
-        start = 0
-    elif start in sizes:               # a previous attempt already got it all
-        if _problem(name, part) is None:
-            return None
         part.unlink()
         start = 0
     headers = {"User-Agent": _user_agent(), "Accept-Encoding": "identity"}
