@@ -20,8 +20,7 @@ Examples::
 Without ``--weights`` the parameters are random (normal, small; batch-norm
 variances positive) and are written to a temporary ``.weights`` file so that
 OpenCV and ONNX Runtime run the very same network. The ONNX model comes from
-``darknetpy.export.export_onnx`` when that module exists, else from
-``torch.onnx.export`` of the eager model. OpenCV DNN (``cv2.dnn.readNetFromDarknet``)
+``darknetpy.export.export_onnx``. OpenCV DNN (``cv2.dnn.readNetFromDarknet``)
 is used when ``opencv-python-headless<5`` is importable; else a skip message is printed.
 
 OpenCV's [yolo]/[region] layers output decoded boxes, not Darknet's layer output, so
@@ -55,6 +54,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from darknetpy.cfg import Option, read_cfg, sections_to_text  # noqa: E402
 from darknetpy.model import Darknet, parse_architecture  # noqa: E402
 
 
@@ -110,38 +110,34 @@ def synthetic_weights(model: Darknet, seed: int = 0) -> None:
                 bias.view(spec.num_anchors, spec.entries)[:, obj] = -3.0
 
 
-def load_model(args) -> tuple[Darknet, str, str, str | None]:
-    """(model, cfg path, weights path, temporary dir) for the arguments."""
+def load_model(args, tmp: str) -> tuple[Darknet, str, str]:
+    """(model, cfg path, weights path) for the arguments; files written go into ``tmp``."""
     arch = parse_architecture(args.cfg, width=args.size, height=args.size, warn=False,
                               profile=args.profile)
     model = Darknet(arch)
-    tmp = None
     if args.weights:
         model.load_weights(args.weights)
         weights = args.weights
     else:
         synthetic_weights(model, args.seed)
-        tmp = tempfile.mkdtemp(prefix="darknetpy-bench-")
         weights = os.path.join(tmp, "synthetic.weights")
         model.save_weights(weights)
     model.eval().requires_grad_(False)
-    # a cfg with the benchmark's size, for OpenCV (which reads width/height from it)
-    cfg = args.cfg
-    if args.size:
-        tmp = tmp or tempfile.mkdtemp(prefix="darknetpy-bench-")
-        cfg = os.path.join(tmp, "model.cfg")
-        lines = []
-        in_net = False
-        for line in Path(args.cfg).read_text().splitlines():
-            s = line.strip()
-            if s.startswith("["):
-                in_net = s in ("[net]", "[network]")
-            key = s.split("=")[0].strip()
-            if in_net and key in ("width", "height"):
-                line = f"{key}={args.size}"
-            lines.append(line)
-        Path(cfg).write_text("\n".join(lines) + "\n")
-    return model, cfg, weights, tmp
+    cfg = sized_cfg(args.cfg, args.size, os.path.join(tmp, "model.cfg")) if args.size \
+        else args.cfg
+    return model, cfg, weights
+
+
+def sized_cfg(cfg: str, size: int, path: str) -> str:
+    """Write ``cfg`` with ``[net]`` width = height = ``size`` to ``path`` (for OpenCV, which
+    reads the size from the cfg); returns ``path``."""
+    sections = read_cfg(cfg)
+    net = sections[0]
+    for key in ("width", "height"):
+        net.options[key] = Option(str(size), net.options[key].line if key in net.options
+                                  else net.line)
+    Path(path).write_text(sections_to_text(sections))
+    return path
 
 
 def head_inputs(model) -> list[int]:
@@ -186,33 +182,11 @@ def optimized_impl(model, precision, compile_=False):
 
 
 def onnx_impl(model, path, threads):
+    """run(x) -> the model's outputs (heads, or the last layer's), by ONNX Runtime on
+    ``darknetpy.export.export_onnx``'s model written to ``path``."""
     import onnxruntime as ort
-    n = model.net
-    try:
-        from darknetpy.export import export_onnx  # type: ignore
-        how = "darknetpy.export.export_onnx"
-        try:
-            export_onnx(model, path, dynamic_batch=True)
-        except TypeError:
-            export_onnx(model, path)
-    except ImportError:
-        how = "torch.onnx.export"
-
-        class Raw(torch.nn.Module):
-            def __init__(self, m):
-                super().__init__()
-                self.m = m
-
-            def forward(self, x):
-                return self.m(x)
-        x = torch.rand(1, n.channels, n.height, n.width)
-        names = [f"head{k}" for k in range(max(1, len(model.heads)))]
-        kwargs = dict(input_names=["input"], output_names=names, opset_version=17,
-                      dynamic_axes={"input": {0: "batch"}, **{k: {0: "batch"} for k in names}})
-        try:
-            torch.onnx.export(Raw(model), (x,), path, dynamo=False, **kwargs)
-        except TypeError:
-            torch.onnx.export(Raw(model), (x,), path, **kwargs)
+    from darknetpy.export import export_onnx
+    export_onnx(model, path, dynamic_batch=True)
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
@@ -225,7 +199,7 @@ def onnx_impl(model, path, threads):
 
     def run(x):
         return sess.run(None, {in_name: x.numpy()})
-    return run, how
+    return run
 
 
 def opencv_impl(model, cfg, weights, threads):
@@ -355,9 +329,10 @@ def max_abs_diff(ref: list[np.ndarray], got) -> float | None:
 # ---------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------
-def run_benchmark(args) -> dict:
+def run_benchmark(args, tmp: str) -> dict:
+    """Run the benchmark for the arguments; its files (weights, cfg, ONNX) go into ``tmp``."""
     torch.set_num_threads(args.threads)
-    model, cfg, weights, tmp = load_model(args)
+    model, cfg, weights = load_model(args, tmp)
     net = model.net
     flops = model.arch.flops
     name = args.name or Path(args.cfg).stem + (f"-{net.width}" if args.size else "")
@@ -365,7 +340,9 @@ def run_benchmark(args) -> dict:
           f"{net.width}x{net.height}, profile {model.profile}, "
           f"{'weights ' + args.weights if args.weights else 'synthetic weights'}, "
           f"{args.threads} threads", flush=True)
-    impls, compare, notes, builds = {}, {}, {}, {}
+    # compare: name -> outputs(x) of the head inputs; compare_heads: name -> run(x) returning
+    # the model's outputs (heads, or a classifier's last layer)
+    impls, compare, compare_heads, notes, builds = {}, {}, {}, {}, {}
     wanted = set(args.impls.split(","))
     impls["darknetpy-eager"], compare["darknetpy-eager"] = eager_impl(model)
     fast32 = None
@@ -380,22 +357,16 @@ def run_benchmark(args) -> dict:
                 fast32 = fast
     if args.compile and "darknetpy-opt-fp32" in wanted:
         t = time.perf_counter()
-        run, outs, fast, _ = optimized_impl(model, "fp32", compile_=True)
+        run, outs, _, _ = optimized_impl(model, "fp32", compile_=True)
         run(torch.rand(1, net.channels, net.height, net.width))  # compiles
         builds["darknetpy-opt-fp32-compiled"] = time.perf_counter() - t
         impls["darknetpy-opt-fp32-compiled"], compare["darknetpy-opt-fp32-compiled"] = \
             run, outs
     if "onnxruntime" in wanted:
         try:
-            onnx_path = os.path.join(tmp or tempfile.mkdtemp(), "model.onnx")
-            run, how = onnx_impl(model, onnx_path, args.threads)
-            impls["onnxruntime"] = run
-            notes["onnxruntime"] = f"export via {how}"
-            if model.heads:
-                # the ONNX model returns heads; compare those against eager's heads instead
-                compare["onnxruntime"] = ("heads", run)
-            else:
-                compare["onnxruntime"] = ("last", run)
+            run = onnx_impl(model, os.path.join(tmp, "model.onnx"), args.threads)
+            impls["onnxruntime"] = compare_heads["onnxruntime"] = run
+            notes["onnxruntime"] = "export via darknetpy.export.export_onnx"
         except Exception as e:  # noqa: BLE001 - report and go on
             print(f"   onnxruntime: skipped ({type(e).__name__}: {e})", flush=True)
             notes["onnxruntime"] = f"skipped: {e}"
@@ -416,12 +387,8 @@ def run_benchmark(args) -> dict:
     with torch.inference_mode():
         ref_heads = model(x1)
     ref_heads = [h.numpy() for h in (ref_heads if isinstance(ref_heads, tuple) else (ref_heads,))]
-    diffs = {}
-    for k, c in compare.items():
-        if isinstance(c, tuple):
-            diffs[k] = max_abs_diff(ref_heads, c[1](x1))
-        else:
-            diffs[k] = max_abs_diff(ref_raw, c(x1))
+    diffs = {k: max_abs_diff(ref_raw, c(x1)) for k, c in compare.items()}
+    diffs.update({k: max_abs_diff(ref_heads, run(x1)) for k, run in compare_heads.items()})
     # head outputs too, for darknetpy's optimised modes (what the user sees)
     head_diffs = {}
     for k in impls:
@@ -567,7 +534,8 @@ def main(argv=None) -> int:
         args.detect = str(found[0]) if found else None
         if not found:
             print("   detect path: skipped (no dog.jpg found; pass --detect IMAGE)")
-    res = run_benchmark(args)
+    with tempfile.TemporaryDirectory(prefix="darknetpy-bench-") as tmp:
+        res = run_benchmark(args, tmp)
     res["machine"] = machine_info(args.threads)
     res["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     res["command"] = " ".join([os.path.basename(sys.executable), *sys.argv])
