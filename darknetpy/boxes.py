@@ -13,6 +13,11 @@ Mirrors, function by function:
 * ``box.c``: ``box_iou``, ``box_diou``, ``box_diounms``, ``do_nms_sort``, ``diounms_sort``;
 * ``detector.c: test_detector``: which NMS the CLI applies (:func:`detector_nms`).
 
+The box and score formulas are written once, in :class:`DenseDecoder` (every box of a
+head as dense tensors, in torch ops that trace to ONNX; :func:`dense_boxes` runs it on
+one output): :func:`decode_yolo`/:func:`decode_region` add the thresholds and build
+:class:`Detections`, and :class:`darknetpy.export.HeadDecoder` exports the same module.
+
 Box format everywhere: ``(x, y, w, h)`` = centre and size (cxcywh). Units are named at
 each function: *network-relative* (fractions of the network input, what the decoders
 produce) or *image-relative* (fractions of the original image, 0..1 inside it, after
@@ -42,13 +47,17 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .image import letterbox_dims
 from .layers.heads import NMS_KINDS, GaussianYoloSpec, HeadSpec, RegionSpec, YoloSpec
+from .tree import TreeError, TreeIndex
 
 __all__ = [
     "Detections",
+    "DenseBoxes",
+    "DenseDecoder",
+    "dense_boxes",
     "decode_yolo",
     "decode_region",
     "correct_boxes",
@@ -174,20 +183,16 @@ def _anchors(spec: HeadSpec, device) -> tuple[Tensor, Tensor]:
     return a[:, 0], a[:, 1]
 
 
-def _cell_major(output: Tensor, a: int, e: int) -> Tensor:
-    """``(N, A*E, H, W) -> (N, H*W*A, E)``: box ``i*A + n`` (cell i = row*W + col, anchor n)."""
-    n, _, h, w = output.shape
-    o = output.reshape(n, a, e, h, w)          # (N, A, E, H, W)
-    o = o.permute(0, 3, 4, 1, 2)               # (N, H, W, A, E)
-    return o.reshape(n, h * w * a, e)          # (N, H*W*A, E)
-
-
-def _anchor_major(output: Tensor, a: int, e: int) -> Tensor:
-    """``(N, A*E, H, W) -> (N, A*H*W, E)``: box ``n*H*W + i`` (pjreddie ``[region]``)."""
-    n, _, h, w = output.shape
-    o = output.reshape(n, a, e, h, w)          # (N, A, E, H, W)
-    o = o.permute(0, 1, 3, 4, 2)               # (N, A, H, W, E)
-    return o.reshape(n, a * h * w, e)          # (N, A*H*W, E)
+def _box_entries(output: Tensor, a: int, e: int, h: int, w: int, cell_major: bool) -> Tensor:
+    """``(N, A*E, H, W) -> (N, B, E)`` float32 in Darknet's box order: cell-major, box
+    ``i*A + n`` (cell i = row*W + col, anchor n), or anchor-major, box ``n*H*W + i``
+    (pjreddie ``[region]``). N is read from ``output`` (traced, so an exported graph
+    keeps a symbolic batch); ``a, e, h, w`` are constants."""
+    n = output.shape[0]
+    o = output.to(_F32).reshape(n, a, e, h, w)                      # (N, A, E, H, W)
+    if cell_major:
+        return o.permute(0, 3, 4, 1, 2).reshape(n, h * w * a, e)    # (N, H, W, A, E)
+    return o.permute(0, 1, 3, 4, 2).reshape(n, a * h * w, e)        # (N, A, H, W, E)
 
 
 def _exp_anchor(t: Tensor, anchor: Tensor, denom: int) -> Tensor:
@@ -204,14 +209,202 @@ def _split_images(keep: Tensor, parts: dict[str, Tensor | None]) -> list[Detecti
     return out
 
 
+# ------------------------------------------------------------------------- dense core
+@dataclass
+class DenseBoxes:
+    """Every box of one detection head, before any threshold (:class:`DenseDecoder`).
+
+    ``B`` = anchors × H × W boxes in Darknet's order (see the module docstring),
+    ``C`` classes:
+
+    * ``boxes``: float32 ``(N, B, 4)``, cxcywh relative to the network input (0..1).
+    * ``objectness``: float32 ``(N, B)``, the head's objectness entry as it is (Darknet's
+      ``objectness``/``scale``), not thresholded.
+    * ``scores``: float32 ``(N, B, C)``, what Darknet thresholds into
+      ``detection.prob`` (a box has class c iff ``scores[..., c] > thresh``, then
+      ``prob[c] == scores[..., c]``), with the head's extra conditions noted at
+      :class:`DenseDecoder`.
+    * ``uc``: float32 ``(N, B, 4)``, the sigmas of x, y, w, h (``[Gaussian_yolo]``), else None.
+    * ``node``: int64 ``(N, B)``, the node ``hierarchy_top_prediction`` chose (pjreddie
+      ``[region] tree=`` without a class map; -1 where Darknet's walk never ends), else None.
+    * ``anchor``, ``cell``: int64 ``(B,)``: anchor n and cell i = row*W + col of each box.
+    """
+
+    boxes: Tensor
+    objectness: Tensor
+    scores: Tensor
+    uc: Tensor | None
+    node: Tensor | None
+    anchor: Tensor
+    cell: Tensor
+
+
+class DenseDecoder(nn.Module):
+    """One head's output ``(N, A*E, H, W)`` -> :class:`DenseBoxes`, in torch ops that
+    trace to ONNX (no loop over data, no ``.item()``, no data-dependent shape; the box
+    grid and anchors are buffers). The one implementation of the box and score
+    formulas: :func:`decode_yolo`/:func:`decode_region` (through :func:`dense_boxes`)
+    and :class:`darknetpy.export.HeadDecoder` run it.
+
+    Mirrors, with Darknet's float32/float64 arithmetic in C's order (boxes are bit for
+    bit Darknet's):
+
+    * ``[yolo]``: ``yolo_layer.c: get_yolo_box`` (``x = (col + tx)/W``, ``y = (row +
+      ty)/H``, ``w = exp(tw) * anchor_w / net_w`` in double, or with ``new_coords=1``
+      ``w = tw*tw*4 * anchor_w / net_w`` in float; anchors in network pixels) and the
+      probability of ``get_yolo_detections``: ``scores[c] = objectness * class_c``.
+    * ``[Gaussian_yolo]``: ``gaussian_yolo_layer.c: get_gaussian_yolo_box`` /
+      ``get_gaussian_yolo_detections``: entries ``x, σx, y, σy, w, σw, h, σh, objectness,
+      classes``; ``scores[c] = objectness * class_c * (1 - mean(σ))`` (the factor in
+      double, as in C); ``uc`` = the sigmas.
+    * ``[region]``: ``region_layer.c: get_region_box`` (anchors in grid cells: ``w =
+      exp(tw) * anchor_w / W``; AlexeyAB applies the logistic to x, y here). Scores:
+      ``objectness * class_c`` (pjreddie ``get_region_detections``, AlexeyAB
+      ``get_region_boxes``); with ``tree=``, on the absolute probabilities
+      (``tree.c: hierarchy_predictions``, :class:`darknetpy.tree.TreeIndex`): with
+      ``class_map``, ``scores[j] = objectness * absolute[class_map[j]]`` (0 past the
+      map); else AlexeyAB: :func:`darknetpy.tree.alexeyab_region_tree_probs` (already
+      0 unless objectness > ``thresh``); else pjreddie: ``objectness`` at the node
+      ``hierarchy_top_prediction(absolute, hier_thresh)`` chose, 0 elsewhere (Darknet
+      keeps it only if objectness > thresh).
+
+    Box order: cell-major (``i*A + n``) except pjreddie ``[region]`` (anchor-major,
+    ``n*H*W + i``). Not applied here (not exportable or caller's choice): the
+    objectness filter of YOLO heads, the thresholds on the scores, pjreddie
+    ``[region]``'s zeroing of boxes with objectness <= thresh, the letterbox correction.
+
+    Args:
+        spec: the head's spec (``YoloSpec``, ``GaussianYoloSpec`` or ``RegionSpec``).
+        h, w: the head's output grid (rows, columns).
+        net_w, net_h: network input size in pixels.
+        profile: ``"pjreddie"`` or ``"alexeyab"`` (only ``[region]`` differs).
+        thresh: AlexeyAB ``[region] tree=`` only: the objectness threshold baked in.
+        hier_thresh: pjreddie ``[region] tree=`` only: ``hierarchy_top_prediction``'s.
+        class_map: Darknet's ``map`` (``[region] tree=`` only; None in the CLI).
+        tree_index: the :class:`~darknetpy.tree.TreeIndex` of ``spec.tree`` to use
+            (default: a new one, owned by this module).
+
+    ``forward`` does not check its input (it must be ``(N, A*E, h, w)``, any float
+    dtype; :func:`dense_boxes` checks). Raises ``ValueError`` for an unknown profile or
+    a class map longer than ``classes``; ``TypeError`` for a spec that is not a head.
+    """
+
+    def __init__(self, spec: HeadSpec, h: int, w: int, net_w: int, net_h: int,
+                 profile: str = "pjreddie", thresh: float = 0.5, hier_thresh: float = 0.5,
+                 class_map: Sequence[int] | None = None, tree_index: TreeIndex | None = None):
+        super().__init__()
+        if profile not in ("pjreddie", "alexeyab"):
+            raise ValueError(f"unknown profile {profile!r}; use 'pjreddie' or 'alexeyab'")
+        if not isinstance(spec, (YoloSpec, RegionSpec)):
+            raise TypeError(f"layer {spec.index}: [{spec.type}] is not a detection head")
+        a = spec.num_anchors
+        self.a, self.e, self.h, self.w = a, spec.entries, int(h), int(w)
+        region = isinstance(spec, RegionSpec)
+        self.gaussian = isinstance(spec, GaussianYoloSpec)
+        self.alexeyab = profile == "alexeyab"
+        self.logistic_xy = region and self.alexeyab          # AlexeyAB get_region_box
+        self.new_coords = bool(getattr(spec, "new_coords", False)) and not self.gaussian
+        self.cell_major = not region or self.alexeyab
+        # anchors in grid cells ([region]) or network pixels ([yolo])
+        self.den_w, self.den_h = (self.w, self.h) if region else (int(net_w), int(net_h))
+        if self.gaussian:
+            self.ix, self.iy, self.iw, self.ih, self.iobj = 0, 2, 4, 6, 8
+        else:
+            self.ix, self.iy, self.iw, self.ih = 0, 1, 2, 3
+            self.iobj = spec.coords if region else 4
+        self.thresh, self.hier_thresh = float(thresh), float(hier_thresh)
+        flat = torch.arange(a * self.h * self.w)
+        if self.cell_major:
+            cell, anchor = flat // a, flat % a
+        else:
+            anchor, cell = flat // (self.h * self.w), flat % (self.h * self.w)
+        aw, ah = _anchors(spec, "cpu")
+        for name, value in (("anchor", anchor), ("cell", cell), ("col", (cell % self.w).to(_F32)),
+                            ("row", (cell // self.w).to(_F32)), ("aw", aw[anchor]),
+                            ("ah", ah[anchor])):
+            self.register_buffer(name, value, persistent=False)      # (B,) each
+        tree = getattr(spec, "tree", None) if region else None
+        cmap = None
+        if tree is not None and class_map is not None:
+            cmap = torch.as_tensor(list(class_map), dtype=torch.int64)
+            if cmap.numel() > spec.classes:
+                raise ValueError(f"layer {spec.index} [{spec.type}]: class map has "
+                                 f"{cmap.numel()} entries for {spec.classes} classes")
+        self.register_buffer("class_map", cmap, persistent=False)   # None: no map
+        self.tree = None if tree is None else TreeIndex(tree) if tree_index is None else tree_index
+
+    def forward(self, output: Tensor) -> DenseBoxes:
+        o = _box_entries(output, self.a, self.e, self.h, self.w, self.cell_major)  # (N, B, E)
+        tx, ty = o[..., self.ix], o[..., self.iy]
+        if self.logistic_xy:
+            tx, ty = torch.sigmoid(tx), torch.sigmoid(ty)
+        x = (self.col + tx) / self.w
+        y = (self.row + ty) / self.h
+        tw, th = o[..., self.iw], o[..., self.ih]
+        if self.new_coords:                                     # float arithmetic, C order
+            bw = tw * tw * 4 * self.aw / self.den_w
+            bh = th * th * 4 * self.ah / self.den_h
+        else:
+            bw = _exp_anchor(tw, self.aw, self.den_w)
+            bh = _exp_anchor(th, self.ah, self.den_h)
+        boxes = torch.stack([x, y, bw, bh], dim=-1)             # (N, B, 4)
+        obj = o[..., self.iobj]                                 # (N, B)
+        cls = o[..., self.iobj + 1:]                            # (N, B, C)
+        uc = node = None
+        zero = torch.zeros((), dtype=_F32, device=o.device)
+        if self.tree is None:
+            scores = obj.unsqueeze(-1) * cls                    # float product
+            if self.gaussian:
+                uc = o[..., [1, 3, 5, 7]]                       # (N, B, 4) sigma x, y, w, h
+                # float uc_aver = (uc0 + uc1 + uc2 + uc3) / 4.0; prob = obj*cls * (1.0 - uc_aver)
+                uc_aver = (((uc[..., 0] + uc[..., 1]) + uc[..., 2]) + uc[..., 3]).to(torch.float64) / 4.0
+                uc_aver = uc_aver.to(_F32).to(torch.float64)
+                scores = (scores.to(torch.float64) * (1.0 - uc_aver).unsqueeze(-1)).to(_F32)
+        else:
+            absolute = self.tree.absolute(cls)                  # (N, B, C)
+            if self.class_map is not None:
+                mapped = obj.unsqueeze(-1) * absolute[..., self.class_map]
+                k = self.class_map.shape[0]
+                scores = torch.cat([mapped, torch.zeros_like(absolute[..., k:])], dim=-1)
+            elif self.alexeyab:
+                scores = self.tree.alexeyab_probs(absolute, obj, self.thresh)
+            else:
+                node = self.tree.top_prediction(absolute, self.hier_thresh)      # (N, B)
+                scores = torch.where(self.tree.arange == node.unsqueeze(-1), obj.unsqueeze(-1), zero)
+        return DenseBoxes(boxes=boxes, objectness=obj, scores=scores, uc=uc, node=node,
+                          anchor=self.anchor, cell=self.cell)
+
+
+def dense_boxes(output: Tensor, spec: HeadSpec, net_w: int, net_h: int, profile: str = "pjreddie", *,
+                thresh: float = 0.5, hier_thresh: float = 0.5,
+                class_map: Sequence[int] | None = None) -> DenseBoxes:
+    """Every box of one head, dense (:class:`DenseDecoder` built for ``output``'s grid and
+    device; a ``tree=`` head uses the tree's cached :meth:`~darknetpy.tree.TreeIndex.of`).
+
+    ``output``: the head's output ``(N, A*E, H, W)`` after its activations;
+    ``net_w``/``net_h``: network input in pixels; other arguments as
+    :class:`DenseDecoder`. Boxes are network-relative (0..1).
+
+    Raises ``ValueError`` when ``output`` is not ``(N, A*E, H, W)`` for ``spec`` or the
+    profile is unknown; ``TypeError`` when ``spec`` is not a detection head.
+    """
+    _, h, w = _check_output(output, spec)
+    tree = getattr(spec, "tree", None) if isinstance(spec, RegionSpec) else None
+    index = None if tree is None else TreeIndex.of(tree, output.device)
+    dec = DenseDecoder(spec, h, w, net_w, net_h, profile, thresh, hier_thresh, class_map,
+                       tree_index=index).to(output.device)
+    return dec(output)
+
+
 # ----------------------------------------------------------------------------- decoding
 def decode_yolo(output: Tensor, spec: YoloSpec, net_w: int, net_h: int,
                 thresh: float) -> list[Detections]:
     """Boxes of a ``[yolo]`` or ``[Gaussian_yolo]`` head, network-relative.
 
-    Mirrors ``get_yolo_detections`` (``get_gaussian_yolo_detections``) before
-    ``correct_yolo_boxes``. ``output``: ``(N, A*E, H, W)``, the head's output after its
-    activations (:meth:`darknetpy.Darknet.forward`, or a reference ``layer_NNN``).
+    Mirrors ``yolo_layer.c: get_yolo_detections`` (``gaussian_yolo_layer.c:
+    get_gaussian_yolo_detections``) before ``correct_yolo_boxes``. ``output``:
+    ``(N, A*E, H, W)``, the head's output after its activations
+    (:meth:`darknetpy.Darknet.forward`, or a reference ``layer_NNN``).
     ``net_w``/``net_h``: network input size in pixels; ``thresh``: objectness and
     class threshold (a C float).
 
@@ -219,66 +412,35 @@ def decode_yolo(output: Tensor, spec: YoloSpec, net_w: int, net_h: int,
     objectness > thresh, with ``x = (col + tx)/W``, ``y = (row + ty)/H``,
     ``w = exp(tw) * anchor_w / net_w`` (``new_coords=1``: ``w = tw*tw*4 * anchor_w /
     net_w`` in float), ``h`` likewise, anchors in network pixels; ``prob[c] =
-    objectness * class_c`` if > thresh else 0.
+    objectness * class_c`` if > thresh else 0 (formulas: :class:`DenseDecoder`).
 
     ``[Gaussian_yolo]`` entries are ``x, σx, y, σy, w, σw, h, σh, objectness, classes``;
     ``prob[c] = objectness * class_c * (1 - mean(σx, σy, σw, σh))`` (if > thresh), the
     objectness itself is NOT scaled; the sigmas are returned in ``Detections.uc``.
     Only ``yolo_point=center`` (the default) is modelled.
 
-    Returns one :class:`Detections` per image (boxes network-relative).
+    Returns one :class:`Detections` per image (boxes network-relative). Raises
+    ``ValueError`` when ``output`` is not ``(N, A*E, H, W)`` for ``spec``.
     """
-    n, h, w = _check_output(output, spec)
-    a, e = spec.num_anchors, spec.entries
-    gaussian = isinstance(spec, GaussianYoloSpec)
-    dev = output.device
-    if gaussian:
-        ix, iy, iw, ih, iobj = 0, 2, 4, 6, 8
-    else:
-        ix, iy, iw, ih, iobj = 0, 1, 2, 3, 4
-    o = output.reshape(n, a, e, h * w)                          # (N, A*E, H, W) -> (N, A, E, H*W)
-    obj_all = o[:, :, iobj].permute(0, 2, 1).reshape(n, h * w * a)  # (N, H*W*A), Darknet order
-    thr = _f32(thresh, dev)
-    keep = obj_all.to(_F32) > thr               # NaN objectness: dropped (AlexeyAB's test)
-    b_idx, flat = keep.nonzero(as_tuple=True)                   # (K,), (K,) in Darknet order
-    cell, anchor = flat // a, flat % a
-    v = o[b_idx, anchor, :, cell].to(_F32)                      # (K, E) entries of kept boxes
-    col = (cell % w).to(_F32)
-    row = (cell // w).to(_F32)
-    aw, ah = _anchors(spec, dev)
-    aw, ah = aw[anchor], ah[anchor]
-    x = (col + v[:, ix]) / w
-    y = (row + v[:, iy]) / h
-    if spec.new_coords and not gaussian:
-        bw = v[:, iw] * v[:, iw] * 4 * aw / net_w               # float arithmetic, C order
-        bh = v[:, ih] * v[:, ih] * 4 * ah / net_h
-    else:
-        bw = _exp_anchor(v[:, iw], aw, net_w)
-        bh = _exp_anchor(v[:, ih], ah, net_h)
-    boxes = torch.stack([x, y, bw, bh], dim=1)                  # (K, 4)
-    obj = v[:, iobj]                                            # (K,)
-    prob = obj.unsqueeze(1) * v[:, iobj + 1:]                   # (K, C) float product
-    uc = None
-    if gaussian:
-        uc = v[:, [1, 3, 5, 7]]                                 # (K, 4) sigma x, y, w, h
-        # float uc_aver = (uc0 + uc1 + uc2 + uc3) / 4.0;  prob = obj*cls * (1.0 - uc_aver)
-        uc_aver = (((uc[:, 0] + uc[:, 1]) + uc[:, 2]) + uc[:, 3]).to(torch.float64) / 4.0
-        uc_aver = uc_aver.to(_F32).to(torch.float64)
-        prob = (prob.to(torch.float64) * (1.0 - uc_aver).unsqueeze(1)).to(_F32)
-    prob = torch.where(prob > thr, prob, torch.zeros((), dtype=_F32, device=dev))
-    source = torch.stack([torch.zeros_like(flat), anchor, cell], dim=1)
-    out = []
-    for b in range(n):
-        sel = b_idx == b
-        out.append(Detections(boxes=boxes[sel], objectness=obj[sel], prob=prob[sel],
-                              uc=None if uc is None else uc[sel], source=source[sel]))
-    return out
+    n = _check_output(output, spec)[0]
+    d = dense_boxes(output, spec, net_w, net_h)
+    thr = _f32(thresh, output.device)
+    zero = torch.zeros((), dtype=_F32, device=output.device)
+    keep = d.objectness > thr                   # NaN objectness: dropped (AlexeyAB's test)
+    prob = torch.where(d.scores > thr, d.scores, zero)
+    source = torch.stack([torch.zeros_like(d.cell), d.anchor, d.cell], dim=-1).expand(n, -1, -1)
+    return _split_images(keep, {"boxes": d.boxes, "objectness": d.objectness, "prob": prob,
+                                "uc": d.uc, "source": source})
 
 
 def decode_region(output: Tensor, spec: RegionSpec, net_w: int, net_h: int, thresh: float,
                   hier_thresh: float = 0.5, profile: str = "pjreddie",
                   class_map: Sequence[int] | None = None) -> list[Detections]:
     """Boxes of a ``[region]`` head (YOLOv2, YOLO9000), network-relative; every box kept.
+
+    Mirrors ``region_layer.c``: pjreddie ``get_region_detections``, AlexeyAB
+    ``get_region_boxes`` (as ``network.c: custom_get_region_detections`` calls it),
+    before ``correct_region_boxes``.
 
     ``output``: ``(N, A*E, H, W)`` as the layer holds it after forward (the AlexeyAB
     layout transposed back to (C, H, W), like :class:`darknetpy.Darknet` returns it).
@@ -300,70 +462,43 @@ def decode_region(output: Tensor, spec: RegionSpec, net_w: int, net_h: int, thre
     > thresh; with a tree :func:`darknetpy.tree.alexeyab_region_tree_probs` (the
     highest-index node with absolute probability > 0.5, not multiplied by the
     objectness, kept if objectness > thresh; ``hier_thresh`` is not used).
-    ``classfix`` (a training option) is not modelled.
+    ``classfix`` (a training option) is not modelled. Formulas: :class:`DenseDecoder`.
 
-    Returns one :class:`Detections` per image (boxes network-relative).
+    Returns one :class:`Detections` per image (boxes network-relative). Raises
+    ``ValueError`` for an unknown profile, an ``output`` that is not ``(N, A*E, H, W)``
+    for ``spec`` or a ``class_map`` longer than ``classes``;
+    :class:`darknetpy.tree.TreeError` when a pjreddie tree walk of a box above
+    ``thresh`` never ends (``hier_thresh < 0``; Darknet loops forever).
     """
     if profile not in ("pjreddie", "alexeyab"):
         raise ValueError(f"unknown profile {profile!r}; use 'pjreddie' or 'alexeyab'")
-    n, h, w = _check_output(output, spec)
-    a, e, c = spec.num_anchors, spec.entries, spec.coords
+    n = _check_output(output, spec)[0]
+    d = dense_boxes(output, spec, net_w, net_h, profile, thresh=thresh, hier_thresh=hier_thresh,
+                    class_map=class_map)
     dev = output.device
-    alexeyab = profile == "alexeyab"
-    if alexeyab:
-        o = _cell_major(output.to(_F32), a, e)                  # (N, H*W*A, E)
-        flat = torch.arange(h * w * a, device=dev)
-        cell, anchor = flat // a, flat % a
-        tx, ty = torch.sigmoid(o[..., 0]), torch.sigmoid(o[..., 1])
-    else:
-        o = _anchor_major(output.to(_F32), a, e)                # (N, A*H*W, E)
-        flat = torch.arange(a * h * w, device=dev)
-        anchor, cell = flat // (h * w), flat % (h * w)
-        tx, ty = o[..., 0], o[..., 1]
-    col = (cell % w).to(_F32)
-    row = (cell // w).to(_F32)
-    aw, ah = _anchors(spec, dev)
-    x = (col + tx) / w
-    y = (row + ty) / h
-    bw = _exp_anchor(o[..., 2], aw[anchor], w)
-    bh = _exp_anchor(o[..., 3], ah[anchor], h)
-    boxes = torch.stack([x, y, bw, bh], dim=-1)                 # (N, B, 4)
-    scale = o[..., c]                                           # (N, B) objectness
-    cls = o[..., c + 1:]                                        # (N, B, classes)
     thr = _f32(thresh, dev)
     zero = torch.zeros((), dtype=_F32, device=dev)
-    tree = spec.tree
-    if tree is not None:
-        from .tree import alexeyab_region_tree_probs, hierarchy_predictions, hierarchy_top_prediction
-        absolute = hierarchy_predictions(cls, tree, False, dim=-1)  # (N, B, classes)
-    if class_map is not None and tree is not None:
-        idx = torch.as_tensor(list(class_map), dtype=torch.int64, device=dev)
-        p = scale.unsqueeze(-1) * absolute[..., idx]
-        p = torch.where(p > thr, p, zero)
-        prob = torch.zeros_like(cls)
-        prob[..., :idx.numel()] = p
-    elif tree is not None and alexeyab:
-        prob = alexeyab_region_tree_probs(absolute, scale, thresh, dim=-1)
-    elif tree is not None:
-        prob = torch.zeros_like(cls)
-        above = (scale > thr).nonzero().tolist()
-        if above:
-            rows = absolute.detach().to("cpu")
-            for b, i in above:
-                j = hierarchy_top_prediction(rows[b, i], tree, hier_thresh)
-                prob[b, i, j] = scale[b, i]
+    scale = d.objectness                                        # (N, B)
+    if d.node is not None:                                      # pjreddie tree: one class j
+        above = scale > thr
+        if ((d.node < 0) & above).any():
+            raise TreeError(f"layer {spec.index} [{spec.type}]: hierarchy_top_prediction never ends "
+                            f"(hier_thresh={hier_thresh} with no positive value in a group); Darknet "
+                            f"would loop forever", path=spec.tree.path)
+        prob = torch.where(above.unsqueeze(-1), d.scores, zero)  # prob[j] = scale if > thresh
+    elif spec.tree is not None and class_map is None and profile == "alexeyab":
+        prob = d.scores                                         # thresholded by the tree rule
     else:
-        prob = scale.unsqueeze(-1) * cls
-        prob = torch.where(prob > thr, prob, zero)
-    if alexeyab:
+        prob = torch.where(d.scores > thr, d.scores, zero)
+    if profile == "alexeyab":
         objectness = torch.ones_like(scale)
     else:
         objectness = torch.where(scale > thr, scale, zero)
-        if tree is None:
+        if spec.tree is None:
             prob = torch.where((objectness != 0).unsqueeze(-1), prob, zero)
     keep = torch.ones(scale.shape, dtype=torch.bool, device=dev)
-    source = torch.stack([torch.zeros_like(flat), anchor, cell], dim=-1).expand(n, -1, -1)
-    return _split_images(keep, {"boxes": boxes, "objectness": objectness, "prob": prob, "uc": None,
+    source = torch.stack([torch.zeros_like(d.cell), d.anchor, d.cell], dim=-1).expand(n, -1, -1)
+    return _split_images(keep, {"boxes": d.boxes, "objectness": objectness, "prob": prob, "uc": None,
                                 "source": source})
 
 

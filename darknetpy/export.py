@@ -31,9 +31,10 @@ The graph
   anchor-major (``anchor*h*w + cell``). No box is dropped. ``scores[..., c]`` is the
   value Darknet thresholds into ``detection.prob[c]``: a box has class ``c`` in Darknet's
   output iff ``scores[..., c] > thresh``, and then ``prob[c] == scores[..., c]`` to
-  float32 rounding (bit for bit except ``[Gaussian_yolo]``, whose sigma factor is
-  computed in float32 here and in double by Darknet; checked against
-  :func:`darknetpy.boxes.get_network_boxes` before NMS):
+  float32 rounding (the graph runs :class:`darknetpy.boxes.DenseDecoder`, as
+  :func:`darknetpy.boxes.get_network_boxes` does, in Darknet's float/double mix, so
+  only ONNX Runtime's double ``exp`` may differ in the last bit; checked against
+  ``get_network_boxes`` before NMS):
 
   - ``[yolo]``: objectness × class probability (``new_coords``, ``scale_x_y``, anchors
     by ``mask`` handled; anchors in network pixels);
@@ -91,9 +92,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .boxes import DenseDecoder
 from .detect import DEFAULT_THRESH
 from .errors import DarknetError, ReferenceDataError
-from .layers.heads import GaussianYoloSpec, HeadSpec, RegionSpec
 from .verify import (DEFAULT_ATOL, DEFAULT_RTOL, Reference, VerifyReport,
                      layer_row, max_abs_diff)
 from .weights import atomic_target
@@ -197,166 +198,19 @@ class ExportReport:
 
 
 # ----------------------------------------------------------------------------- decode
-class _TreeIndex(nn.Module):
-    """Constant index tensors of a ``.tree`` for the in-graph tree decoders."""
-
-    def __init__(self, tree):
-        super().__init__()
-        n = tree.n
-        parent = torch.tensor([max(p, 0) for p in tree.parent], dtype=torch.long)
-        depth = [0] * n
-        for j, p in enumerate(tree.parent):
-            depth[j] = 0 if p < 0 else depth[p] + 1
-        self.n = n
-        self.depth = max(depth)
-        # hierarchy_predictions: level d multiplies nodes of depth d by their parents
-        levels = torch.tensor(depth, dtype=torch.long)
-        self.register_buffer("parent", parent, persistent=False)           # (n,)
-        self.register_buffer("level", levels, persistent=False)            # (n,)
-        # hierarchy_top_prediction: group member table, padded with n (a zero column)
-        size = max(tree.group_size)
-        table = torch.full((tree.groups, size), n, dtype=torch.long)
-        for g, (o, s) in enumerate(zip(tree.group_offset, tree.group_size)):
-            table[g, :s] = torch.arange(o, o + s)
-        self.register_buffer("table", table, persistent=False)             # (G, S)
-        self.register_buffer("child", torch.tensor(tree.child, dtype=torch.long),
-                             persistent=False)                              # (n,)
-        self.register_buffer("group_parent", torch.tensor(
-            [max(tree.parent[o], 0) if o < n else 0 for o in tree.group_offset],
-            dtype=torch.long), persistent=False)                            # (G,)
-        self.register_buffer("arange", torch.arange(n), persistent=False)
-
-    def absolute(self, p: Tensor) -> Tensor:
-        """``tree.c: hierarchy_predictions(p, n, tree, only_leaves=0)`` along the last dim:
-        ``p[j] *= p[parent[j]]`` level by level (the same float products as Darknet)."""
-        for d in range(1, self.depth + 1):
-            p = torch.where(self.level == d, p * p[..., self.parent], p)
-        return p
-
-    def alexeyab_probs(self, absolute: Tensor, objectness: Tensor, thresh: float) -> Tensor:
-        """AlexeyAB ``get_region_boxes`` tree branch (see
-        :func:`darknetpy.tree.alexeyab_region_tree_probs`): only the highest-index node
-        with absolute probability > 0.5 keeps it, if objectness > thresh. absolute
-        (..., n), objectness (...) -> (..., n)."""
-        above = absolute > 0.5
-        last = torch.where(above, self.arange, torch.full_like(self.arange, -1)).amax(-1)
-        keep = (last >= 0) & (objectness > torch.tensor(thresh, dtype=torch.float32))
-        pick = (self.arange == last.unsqueeze(-1)) & keep.unsqueeze(-1)
-        return torch.where(pick, absolute, torch.zeros((), dtype=absolute.dtype))
-
-    def top_prediction(self, absolute: Tensor, hier_thresh: float) -> Tensor:
-        """``tree.c: hierarchy_top_prediction`` for every row of ``absolute`` (M, n) at
-        once: the tree walk unrolled to the tree's depth. Returns (M,) node indices."""
-        ext = torch.cat([absolute, torch.zeros_like(absolute[:, :1])], dim=1)  # (M, n+1)
-        thr = torch.tensor(hier_thresh, dtype=torch.float32)
-        zero_i = torch.zeros_like(absolute[:, 0], dtype=torch.long)         # (M,)
-        group = zero_i
-        p = torch.ones_like(absolute[:, 0])
-        result = zero_i
-        done = torch.zeros_like(absolute[:, 0], dtype=torch.bool)
-        for _ in range(self.depth + 1):
-            idx = self.table[group]                                          # (M, S)
-            vals = torch.gather(ext, 1, idx)
-            vals = torch.where(vals > 0, vals, torch.zeros_like(vals))       # NaN, <= 0 never win
-            mx = vals.amax(dim=1)                                            # (M,)
-            arg = vals.argmax(dim=1, keepdim=True)                           # first maximum
-            node = torch.where(mx > 0, torch.gather(idx, 1, arg)[:, 0], zero_i)  # max_i = 0
-            pm = p * mx
-            conf = pm > thr
-            ch = self.child[node]
-            stop = torch.where(conf, node, torch.where(group == 0, node, self.group_parent[group]))
-            finishing = ~done & (~conf | (ch < 0))
-            result = torch.where(finishing, stop, result)
-            cont = ~done & conf & (ch >= 0)
-            p = torch.where(cont, pm, p)
-            group = torch.where(cont, ch, group)
-            done = done | finishing
-        return result
-
-
-class _HeadDecode(nn.Module):
-    """One head's output (N, A*E, H, W) -> boxes (N, B, 4), scores (N, B, C) (see
-    :class:`HeadDecoder`)."""
-
-    def __init__(self, spec: HeadSpec, profile: str, net_w: int, net_h: int, thresh: float,
-                 hier_thresh: float):
-        super().__init__()
-        _, h, w = spec.out_shape
-        self.a, self.e, self.h, self.w = spec.num_anchors, spec.entries, h, w
-        self.net_w, self.net_h = float(net_w), float(net_h)
-        self.region = isinstance(spec, RegionSpec)
-        self.gaussian = isinstance(spec, GaussianYoloSpec)
-        self.new_coords = bool(getattr(spec, "new_coords", False)) and not self.gaussian
-        self.alexeyab = profile == "alexeyab"
-        self.thresh, self.hier_thresh = float(thresh), float(hier_thresh)
-        anchors = torch.tensor(spec.anchors, dtype=torch.float64).to(torch.float32)  # (A, 2)
-        self.register_buffer("aw", anchors[:, 0].view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("ah", anchors[:, 1].view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("col", torch.arange(w, dtype=torch.float32).view(1, 1, 1, w),
-                             persistent=False)
-        self.register_buffer("row", torch.arange(h, dtype=torch.float32).view(1, 1, h, 1),
-                             persistent=False)
-        tree = getattr(spec, "tree", None)
-        self.tree = _TreeIndex(tree) if self.region and tree is not None else None
-
-    def forward(self, out: Tensor) -> tuple[Tensor, Tensor]:
-        a, e, h, w = self.a, self.e, self.h, self.w
-        o = out.float().reshape(-1, a, e, h, w)          # (N, A*E, H, W) -> (N, A, E, H, W)
-        if self.gaussian:
-            ix, iy, iw, ih, iobj = 0, 2, 4, 6, 8
-        else:
-            ix, iy, iw, ih, iobj = 0, 1, 2, 3, 4
-        tx, ty, tw, th = o[:, :, ix], o[:, :, iy], o[:, :, iw], o[:, :, ih]  # (N, A, H, W)
-        if self.region and self.alexeyab:
-            tx, ty = torch.sigmoid(tx), torch.sigmoid(ty)    # AlexeyAB get_region_box
-        x = (self.col + tx) / w
-        y = (self.row + ty) / h
-        if self.region:                                       # anchors in grid cells
-            bw = torch.exp(tw) * self.aw / w
-            bh = torch.exp(th) * self.ah / h
-        elif self.new_coords:                                 # w = (2*tw)^2 * anchor
-            bw = tw * tw * 4 * self.aw / self.net_w
-            bh = th * th * 4 * self.ah / self.net_h
-        else:                                                 # anchors in network pixels
-            bw = torch.exp(tw) * self.aw / self.net_w
-            bh = torch.exp(th) * self.ah / self.net_h
-        boxes = torch.stack([x, y, bw, bh], dim=-1)           # (N, A, H, W, 4)
-        obj = o[:, :, iobj]                                   # (N, A, H, W)
-        cls = o[:, :, iobj + 1:]                              # (N, A, C, H, W)
-        if self.tree is not None:
-            absolute = self.tree.absolute(cls.permute(0, 1, 3, 4, 2))    # (N, A, H, W, C)
-            if self.alexeyab:
-                scores = self.tree.alexeyab_probs(absolute, obj, self.thresh)
-            else:
-                flat = absolute.reshape(-1, absolute.shape[-1])          # (M, C)
-                j = self.tree.top_prediction(flat, self.hier_thresh)     # (M,)
-                onehot = self.tree.arange == j.unsqueeze(-1)             # (M, C)
-                scores = torch.where(onehot, obj.reshape(-1, 1),
-                                     torch.zeros((), dtype=obj.dtype)).view_as(absolute)
-            scores = scores.permute(0, 1, 4, 2, 3)                       # (N, A, C, H, W)
-        else:
-            scores = obj.unsqueeze(2) * cls                   # (N, A, C, H, W)
-            if self.gaussian:   # uc_aver = (σx + σy + σw + σh) / 4
-                uc = (((o[:, :, 1] + o[:, :, 3]) + o[:, :, 5]) + o[:, :, 7]) / 4
-                scores = scores * (1 - uc).unsqueeze(2)
-        if self.region and not self.alexeyab:                 # pjreddie region: anchor-major
-            boxes = boxes.flatten(1, 3)                       # (N, A*H*W, 4)
-            scores = scores.permute(0, 1, 3, 4, 2).flatten(1, 3)  # (N, A*H*W, C)
-        else:                                                 # cell-major: box cell*A + anchor
-            boxes = boxes.permute(0, 2, 3, 1, 4).flatten(1, 3)    # (N, H*W*A, 4)
-            scores = scores.permute(0, 3, 4, 1, 2).flatten(1, 3)  # (N, H*W*A, C)
-        return boxes, scores
-
-
 class HeadDecoder(nn.Module):
     """Detection-head outputs -> ``boxes`` (N, B, 4) and ``scores`` (N, B, classes), in
-    exportable torch ops (float32).
+    exportable torch ops (float32): one :class:`darknetpy.boxes.DenseDecoder` per head
+    (tree heads: a :class:`darknetpy.tree.TreeIndex` submodule), concatenated in cfg order.
 
-    ``boxes``: cxcywh relative to the network input (0..1); ``scores``: what Darknet
-    thresholds into ``detection.prob``; order and formulas as in the module docstring
-    (they agree with :func:`darknetpy.boxes.decode_yolo`/``decode_region`` before the
-    objectness filter and the letterbox correction). ``thresh`` only matters for
-    AlexeyAB ``[region] tree=`` heads, ``hier_thresh`` for pjreddie ones.
+    ``forward(outputs)``: the heads' outputs in cfg order, each ``(N, A*E, h, w)`` (any
+    float dtype). ``boxes``: cxcywh relative to the network input (0..1); ``scores``:
+    what Darknet thresholds into ``detection.prob``; order and formulas as in the module
+    docstring, the same operations as :func:`darknetpy.boxes.decode_yolo`/
+    ``decode_region`` before the objectness filter, the thresholds and the letterbox
+    correction (``yolo_layer.c: get_yolo_box``, ``region_layer.c: get_region_box``, ...).
+    ``thresh`` only matters for AlexeyAB ``[region] tree=`` heads, ``hier_thresh`` for
+    pjreddie ones.
 
     Raises:
         ExportError: no heads, or heads with different numbers of classes.
@@ -374,12 +228,14 @@ class HeadDecoder(nn.Module):
                               ", ".join(f"layer {s.index}: {s.classes}" for s in specs),
                               layer=specs[-1].index, layer_type=specs[-1].type)
         net = model.net
-        self.parts = nn.ModuleList(_HeadDecode(s, model.profile, net.width, net.height, thresh,
-                                               hier_thresh) for s in specs)
+        self.parts = nn.ModuleList(
+            DenseDecoder(s, s.out_shape[1], s.out_shape[2], net.width, net.height, model.profile,
+                         thresh, hier_thresh) for s in specs)
 
     def forward(self, outputs) -> tuple[Tensor, Tensor]:
-        boxes, scores = zip(*(p(o) for p, o in zip(self.parts, outputs)))
-        return torch.cat(boxes, dim=1), torch.cat(scores, dim=1)
+        dense = [part(o) for part, o in zip(self.parts, outputs)]
+        return (torch.cat([d.boxes for d in dense], dim=1),
+                torch.cat([d.scores for d in dense], dim=1))
 
 
 class _Exported(nn.Module):
@@ -745,22 +601,43 @@ def export_onnx(model, path: str | os.PathLike, *, opset: int = DEFAULT_OPSET, b
                                    layer=i, layer_type=t) from e
         del proto
         if check:
-            _check(report, wrapper, model, tmp, sample, batch, dynamic_batch, dtype, device,
-                   thresh, nms_thresh, max_det, nms, half, atol, rtol)
+            _check(report, wrapper, model, tmp, _CheckOptions(
+                sample=sample, batch=batch, dynamic_batch=dynamic_batch, dtype=dtype,
+                device=device, thresh=thresh, nms_thresh=nms_thresh, max_det=max_det, nms=nms,
+                half=half, atol=atol, rtol=rtol))
         report.bytes = os.path.getsize(tmp)
     return report
 
 
-def _check(report: ExportReport, wrapper, model, tmp: str, sample, batch: int,
-           dynamic_batch: bool, dtype, device, thresh, nms_thresh, max_det, nms, half,
-           atol, rtol) -> None:
+@dataclass
+class _CheckOptions:
+    """:func:`export_onnx`'s arguments that :func:`_check` uses (same meanings); ``dtype``
+    and ``device``: the traced input's."""
+
+    sample: object
+    batch: int
+    dynamic_batch: bool
+    dtype: torch.dtype
+    device: torch.device
+    thresh: float
+    nms_thresh: float
+    max_det: int
+    nms: bool
+    half: bool
+    atol: float | None
+    rtol: float | None
+
+
+def _check(report: ExportReport, wrapper, model, tmp: str, opts: _CheckOptions) -> None:
     """Run ``tmp`` with ONNX Runtime and compare with ``wrapper`` (fills ``report``)."""
     t0 = time.perf_counter()
-    atol = 0.0 if atol is None else float(atol)
-    rtol = (CHECK_RTOL_HALF if half else CHECK_RTOL) if rtol is None else float(rtol)
-    n = batch + 1 if dynamic_batch else batch
-    x = _sample_input(model, sample, n, dtype, device)
-    if not dynamic_batch and x.shape[0] != batch:
+    atol = 0.0 if opts.atol is None else float(opts.atol)
+    rtol = ((CHECK_RTOL_HALF if opts.half else CHECK_RTOL) if opts.rtol is None
+            else float(opts.rtol))
+    batch, device = opts.batch, opts.device
+    n = batch + 1 if opts.dynamic_batch else batch
+    x = _sample_input(model, opts.sample, n, opts.dtype, device)
+    if not opts.dynamic_batch and x.shape[0] != batch:
         raise ExportError(f"sample has batch {x.shape[0]}, the graph has a static batch of "
                           f"{batch}")
     report.check_batch = int(x.shape[0])
@@ -790,10 +667,10 @@ def _check(report: ExportReport, wrapper, model, tmp: str, sample, batch: int,
         report.tolerance[info.name] = atol + rtol * scale
         if not d <= report.tolerance[info.name]:
             bad.append(info)
-    if nms:
+    if opts.nms:
         sel = by_name["selected_indices"]
-        expect = onnx_nms_reference(by_name["boxes"], by_name["scores"], nms_thresh, thresh,
-                                    max_det)
+        expect = onnx_nms_reference(by_name["boxes"], by_name["scores"], opts.nms_thresh,
+                                    opts.thresh, opts.max_det)
         same = sel.shape == expect.shape and bool(np.array_equal(sel, expect))
         report.max_abs["selected_indices"] = 0.0 if same else float("inf")
         report.tolerance["selected_indices"] = 0.0

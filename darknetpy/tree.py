@@ -2,7 +2,10 @@
 
 Mirrors ``src/tree.c`` (``read_tree``, ``hierarchy_predictions``,
 ``hierarchy_top_prediction``) and ``src/blas.c`` (``softmax_tree`` built on
-``softmax``/``softmax_cpu``) of pjreddie/darknet and AlexeyAB/darknet.
+``softmax``/``softmax_cpu``) of pjreddie/darknet and AlexeyAB/darknet. The
+arithmetic is implemented once, in :class:`TreeIndex` (index tensors of a tree and
+vectorised operations that trace to ONNX); the functions below run it, and so do
+:class:`darknetpy.boxes.DenseDecoder` and :class:`darknetpy.export.HeadDecoder`.
 
 A tree file has one node per line, ``"<name> <parent_index>"``, parent ``-1`` for
 a root. Nodes are numbered by line (0-based). Consecutive lines with the same
@@ -33,12 +36,14 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from torch import nn
 
 from darknetpy.errors import DarknetError
 
 __all__ = [
     "TreeError",
     "Tree",
+    "TreeIndex",
     "read_tree",
     "softmax_tree",
     "hierarchy_predictions",
@@ -103,7 +108,7 @@ class Tree:
     group_size: tuple[int, ...]
     group_offset: tuple[int, ...]
     path: str | None = field(default=None, compare=False)
-    # Per-device index tensors built on first use (see _indices). Mutable contents only.
+    # Per-device TreeIndex modules built on first use (TreeIndex.of). Mutable contents only.
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -128,49 +133,6 @@ class Tree:
             off += s
         if off != n:
             raise TreeError(f"group sizes add up to {off}, expected n={n}", path=self.path)
-
-    # ---------------------------------------------------------------- helpers
-    def _indices(self, device: torch.device) -> dict:
-        """Index tensors for the vectorised functions, built once per device."""
-        key = str(device)
-        got = self._cache.get(key)
-        if got is not None:
-            return got
-        n = self.n
-        group_of = torch.tensor(self.group, dtype=torch.long)
-        sizes = torch.tensor(self.group_size, dtype=torch.long)
-        offsets = torch.tensor(self.group_offset, dtype=torch.long)
-        # Groups sorted by size, largest first: at step k the groups with more than
-        # k members are a prefix, so a loop over k (max group size steps) visits every
-        # node exactly once and accumulates each group's sum in Darknet's order.
-        order = torch.argsort(sizes, descending=True, stable=True)
-        sizes_sorted = sizes[order]
-        steps = []
-        for k in range(int(sizes_sorted[0]) if len(sizes_sorted) else 0):
-            active = int((sizes_sorted > k).sum())
-            steps.append((active, offsets[order[:active]] + k))
-        # Position of each group in `order` (to map per-node group ids to sorted slots).
-        slot_of_group = torch.empty_like(order)
-        slot_of_group[order] = torch.arange(len(order))
-        slot_of_node = slot_of_group[group_of]
-        # hierarchy_predictions: process nodes level by level (depth 1, 2, ...).
-        depth = [0] * n
-        for j, p in enumerate(self.parent):
-            depth[j] = 0 if p < 0 else depth[p] + 1
-        levels = []
-        for d in range(1, max(depth) + 1):
-            nodes = [j for j in range(n) if depth[j] == d]
-            levels.append((torch.tensor(nodes, dtype=torch.long),
-                           torch.tensor([self.parent[j] for j in nodes], dtype=torch.long)))
-        got = {
-            "ngroups": len(order),
-            "slot_of_node": slot_of_node.to(device),
-            "steps": [(a, idx.to(device)) for a, idx in steps],
-            "levels": [(a.to(device), b.to(device)) for a, b in levels],
-            "leaf": torch.tensor(self.leaf, dtype=torch.bool, device=device),
-        }
-        self._cache[key] = got
-        return got
 
 
 def read_tree(path: str | os.PathLike) -> Tree:
@@ -273,6 +235,187 @@ def read_tree(path: str | os.PathLike) -> Tree:
                 group_offset=tuple(group_offset_l), path=spath)
 
 
+class TreeIndex(nn.Module):
+    """The index tensors of a :class:`Tree` and the vectorised tree operations on them.
+
+    The one implementation of Darknet's tree arithmetic: the public functions of this
+    module run it (with a cached instance per device, :meth:`of`), and so do
+    :class:`darknetpy.boxes.DenseDecoder` and the ONNX export (which hold their own
+    instance as a submodule, so ``.to(device)`` moves it). Every method works along
+    the LAST axis (the ``n = tree.n`` classes); the only Python loops run over the
+    tree's depth or group size (constants), there is no ``.item()`` and no shape that
+    depends on the data, so all of it traces to ONNX.
+
+    Buffers (int64 unless noted; not part of a state dict):
+
+    * ``by_depth`` (n,): the nodes ordered by depth (file order within a depth),
+      ``from_depth`` (n,) its inverse permutation; ``parent_local`` (n,): for the node
+      at position k of ``by_depth`` (depth d >= 1) the position of its parent within
+      the block of depth d-1 (0 for roots).
+    * ``leaf`` (n,) bool, ``child`` (n,) (``Tree.child``), ``arange`` (n,).
+    * ``table`` (groups, S): the nodes of group g, padded with ``n`` (an index past the
+      classes, read as 0), S = the largest group; ``group_parent`` (groups,): the parent
+      of the group's first node (0 for roots).
+    * ``slot_of_node`` (n,): slot of the node's group when the groups are sorted by
+      size, largest first (stable); ``sum_cols`` (n,): the column read at each step of
+      the softmax sum, step k holding the k-th member of every group larger than k.
+
+    Python ints: ``n``, ``groups``, ``depth`` (the deepest node's depth; roots are 0),
+    ``level_ends`` (end of each depth's block in ``by_depth``), ``sum_steps`` (start
+    and length of each step's slice of ``sum_cols``).
+    """
+
+    def __init__(self, tree: Tree):
+        super().__init__()
+        n, groups = tree.n, tree.groups
+        depth = [0] * n
+        for j, p in enumerate(tree.parent):
+            depth[j] = 0 if p < 0 else depth[p] + 1
+        self.n, self.groups, self.depth = n, groups, max(depth)
+        by_depth = sorted(range(n), key=lambda j: depth[j])            # stable: file order
+        position = [0] * n
+        for k, j in enumerate(by_depth):
+            position[j] = k
+        self.level_ends = [sum(1 for d in depth if d <= level) for level in range(self.depth + 1)]
+        starts = [0] + self.level_ends[:-1]
+        parent_local = [0 if tree.parent[j] < 0 else position[tree.parent[j]] - starts[depth[j] - 1]
+                        for j in by_depth]
+        size = max(tree.group_size) if groups else 0
+        table = torch.full((groups, size), n, dtype=torch.long)
+        for g, (o, s) in enumerate(zip(tree.group_offset, tree.group_size)):
+            table[g, :s] = torch.arange(o, o + s)
+        # softmax sums: groups sorted by size, largest first; at step k the groups with
+        # more than k members are a prefix, so summing step by step visits every node
+        # once and accumulates each group in Darknet's (index) order.
+        sizes = torch.tensor(tree.group_size, dtype=torch.long)
+        order = torch.argsort(sizes, descending=True, stable=True)
+        slot_of_group = torch.empty_like(order)
+        slot_of_group[order] = torch.arange(groups)
+        cols, self.sum_steps = [], []
+        for k in range(size):
+            active = int((sizes > k).sum())
+            self.sum_steps.append((sum(len(c) for c in cols), active))
+            cols.append(table[order[:active], k])
+        buffers = {
+            "by_depth": torch.tensor(by_depth, dtype=torch.long),
+            "from_depth": torch.tensor(position, dtype=torch.long),
+            "parent_local": torch.tensor(parent_local, dtype=torch.long),
+            "leaf": torch.tensor(tree.leaf, dtype=torch.bool),
+            "child": torch.tensor(tree.child, dtype=torch.long),
+            "arange": torch.arange(n),
+            "table": table,
+            "group_parent": torch.tensor([max(tree.parent[o], 0) if o < n else 0
+                                          for o in tree.group_offset], dtype=torch.long),
+            "slot_of_node": slot_of_group[torch.tensor(tree.group, dtype=torch.long)],
+            "sum_cols": torch.cat(cols) if cols else torch.zeros(0, dtype=torch.long),
+        }
+        for name, value in buffers.items():
+            self.register_buffer(name, value, persistent=False)
+
+    @classmethod
+    def of(cls, tree: Tree, device: torch.device | str) -> "TreeIndex":
+        """The cached index of ``tree`` on ``device`` (built on first use). Shared: use
+        it, do not move it (``.to``) or register it in a module that will be moved."""
+        key = str(torch.device(device))
+        got = tree._cache.get(key)
+        if got is None:
+            got = tree._cache[key] = cls(tree).to(device)
+        return got
+
+    def softmax(self, rows: torch.Tensor, temperature: float) -> torch.Tensor:
+        """``blas.c: softmax_tree`` on ``rows`` ``(R, n)``: Darknet's ``softmax`` over each
+        group (largest from ``-FLT_MAX``, NaN never the largest; ``exp`` in double of
+        the float argument; the sum in float in index order). Returns ``(R, n)``,
+        ``rows``'s dtype. No checks: see :func:`softmax_tree`."""
+        dtype, dev = rows.dtype, rows.device
+        temp = torch.tensor(temperature, dtype=dtype, device=dev)
+        # largest: C's `if (v > largest) largest = v` from -FLT_MAX. A max is
+        # order-independent; NaN never wins in C, so it is mapped to -inf here.
+        nonan = torch.where(torch.isnan(rows), torch.full((), -math.inf, dtype=dtype, device=dev), rows)
+        largest = torch.full((rows.shape[0], self.groups), -_FLT_MAX, dtype=dtype, device=dev)
+        largest = largest.scatter_reduce(1, self.slot_of_node.expand(rows.shape[0], -1), nonan, "amax",
+                                         include_self=True)
+        big = largest[:, self.slot_of_node]
+        arg = rows / temp - big / temp                       # float arithmetic, like C
+        e = torch.exp(arg.to(torch.float64)).to(dtype)       # double exp, stored to float
+        total = torch.zeros((rows.shape[0], self.groups), dtype=dtype, device=dev)
+        for start, active in self.sum_steps:                 # sum += e, in index order
+            cols = self.sum_cols[start:start + active]
+            total[:, :active] = total[:, :active] + e[:, cols]
+        return e / total[:, self.slot_of_node]
+
+    def absolute(self, p: torch.Tensor) -> torch.Tensor:
+        """``tree.c: hierarchy_predictions(p, n, tree, only_leaves=0)`` along the last
+        axis: ``p[j] *= p[parent[j]]``, computed depth by depth (a parent is one level
+        up and already absolute), so every value is the float product Darknet's
+        in-order loop computes. ``p`` ``(..., n)`` -> a new ``(..., n)``, same dtype."""
+        end = p.dim() - 1
+        q = p[..., self.by_depth]
+        levels = [q[..., :self.level_ends[0]]]
+        for start, stop in zip(self.level_ends[:-1], self.level_ends[1:]):
+            levels.append(q[..., start:stop] * levels[-1][..., self.parent_local[start:stop]])
+        return torch.cat(levels, dim=end)[..., self.from_depth]
+
+    def leaves_only(self, p: torch.Tensor) -> torch.Tensor:
+        """``hierarchy_predictions``'s ``only_leaves``: every non-leaf set to 0 (last axis)."""
+        return torch.where(self.leaf, p, torch.zeros((), dtype=p.dtype, device=p.device))
+
+    def top_prediction(self, absolute: torch.Tensor, thresh: float) -> torch.Tensor:
+        """``tree.c: hierarchy_top_prediction(pred, tree, thresh, 1)`` for every row of
+        ``absolute`` ``(..., n)`` at once (float32, as in C): the walk of
+        :func:`hierarchy_top_prediction` unrolled over the tree's depth. Returns int64
+        ``(...)``: the node index, or -1 where Darknet's walk never ends (possible only
+        with ``thresh < 0``; then the walk is unrolled ``2*depth + 1`` times, which
+        every walk that ends needs at most)."""
+        a = absolute.to(torch.float32)
+        end = a.dim() - 1
+        ext = torch.cat([a, torch.zeros_like(a[..., :1])], dim=end)       # (..., n+1), col n = 0
+        thr = torch.tensor(thresh, dtype=torch.float32, device=a.device)
+        zero = torch.zeros((), dtype=torch.float32, device=a.device)
+        zero_i = torch.zeros((), dtype=torch.long, device=a.device)
+        group = torch.zeros_like(a[..., 0], dtype=torch.long)               # (...)
+        result = group - 1
+        p = torch.ones_like(a[..., 0])
+        done = torch.zeros_like(a[..., 0], dtype=torch.bool)
+        for _ in range(2 * self.depth + 1 if thresh < 0 else self.depth + 1):
+            idx = self.table[group]                                         # (..., S)
+            vals = torch.gather(ext, end, idx)
+            vals = torch.where(vals > 0, vals, zero)                        # NaN, <= 0 never win
+            mx = vals.amax(dim=end)
+            arg = vals.argmax(dim=end, keepdim=True)                        # first maximum
+            node = torch.where(mx > 0, torch.gather(idx, end, arg).squeeze(end), zero_i)  # max_i = 0
+            pm = p * mx                                                     # float product
+            conf = pm > thr
+            ch = self.child[node]
+            stop = torch.where(conf | (group == 0), node, self.group_parent[group])
+            finishing = ~done & (~conf | (ch < 0))
+            result = torch.where(finishing, stop, result)
+            cont = ~done & conf & (ch >= 0)
+            p = torch.where(cont, pm, p)
+            group = torch.where(cont, ch, group)
+            done = done | finishing
+        return result
+
+    def alexeyab_probs(self, absolute: torch.Tensor, objectness: torch.Tensor, thresh: float
+                       ) -> torch.Tensor:
+        """:func:`alexeyab_region_tree_probs` along the last axis: ``absolute`` ``(..., n)``,
+        ``objectness`` ``(...)`` -> ``(..., n)``."""
+        return _highest_above_half(absolute, objectness, thresh, self.arange)
+
+
+def _highest_above_half(p: torch.Tensor, objectness: torch.Tensor, thresh: float,
+                        arange: torch.Tensor) -> torch.Tensor:
+    """AlexeyAB ``get_region_boxes`` tree branch along the last axis of ``p`` (``arange``:
+    ``0..n-1``): only the highest-index node with ``p > .5`` keeps its value, and only
+    where ``objectness > thresh`` (compared in objectness's dtype)."""
+    above = p > 0.5
+    last = torch.where(above, arange, torch.full_like(arange, -1)).amax(dim=p.dim() - 1)
+    keep = (last >= 0) & (objectness > torch.tensor(thresh, dtype=objectness.dtype,
+                                                     device=objectness.device))
+    pick = (arange == last.unsqueeze(-1)) & keep.unsqueeze(-1)
+    return torch.where(pick, p, torch.zeros((), dtype=p.dtype, device=p.device))
+
+
 def softmax_tree(x: torch.Tensor, tree: Tree, temperature: float = 1.0) -> torch.Tensor:
     """Softmax separately within each group of ``tree``, along dim 1.
 
@@ -318,27 +461,10 @@ def softmax_tree(x: torch.Tensor, tree: Tree, temperature: float = 1.0) -> torch
                         f"for this tree", path=tree.path)
     if temperature == 0:
         raise ValueError("softmax_tree: temperature must not be 0")
-    idx = tree._indices(x.device)
-    dtype = x.dtype
     last = x.dim() - 1  # non-negative dims: they export to a valid ONNX Transpose
     xt = x.movedim(1, last)
     rest_shape = xt.shape
-    rows = xt.reshape(-1, tree.n)
-    temp = torch.tensor(temperature, dtype=dtype, device=x.device)
-
-    # largest: C's `if (v > largest) largest = v` from -FLT_MAX. A max is
-    # order-independent; NaN never wins in C, so it is mapped to -inf here.
-    nonan = torch.where(torch.isnan(rows), torch.full((), -math.inf, dtype=dtype, device=x.device), rows)
-    largest = torch.full((rows.shape[0], idx["ngroups"]), -_FLT_MAX, dtype=dtype, device=x.device)
-    largest = largest.scatter_reduce(1, idx["slot_of_node"].expand(rows.shape[0], -1), nonan, "amax",
-                                     include_self=True)
-    big = largest[:, idx["slot_of_node"]]
-    arg = rows / temp - big / temp                       # float arithmetic, like C
-    e = torch.exp(arg.to(torch.float64)).to(dtype)       # double exp, stored to float
-    total = torch.zeros((rows.shape[0], idx["ngroups"]), dtype=dtype, device=x.device)
-    for active, cols in idx["steps"]:                    # sum += e, in index order
-        total[:, :active] = total[:, :active] + e[:, cols]
-    out = e / total[:, idx["slot_of_node"]]
+    out = TreeIndex.of(tree, x.device).softmax(xt.reshape(-1, tree.n), temperature)
     return out.reshape(rest_shape).movedim(last, 1)
 
 
@@ -367,13 +493,11 @@ def hierarchy_predictions(probs: torch.Tensor, tree: Tree, only_leaves: bool, *,
     if probs.dim() == 0 or probs.shape[dim] != tree.n:
         raise TreeError(f"hierarchy_predictions: input has shape {tuple(probs.shape)}, expected {tree.n} "
                         f"entries along dim {dim}", path=tree.path)
-    idx = tree._indices(probs.device)
+    idx = TreeIndex.of(tree, probs.device)
     dim, last = dim % probs.dim(), probs.dim() - 1  # non-negative: valid ONNX Transpose
-    p = probs.movedim(dim, last).clone()
-    for nodes, parents in idx["levels"]:
-        p[..., nodes] = p[..., nodes] * p[..., parents]
+    p = idx.absolute(probs.movedim(dim, last))
     if only_leaves:
-        p = torch.where(idx["leaf"], p, torch.zeros((), dtype=p.dtype, device=p.device))
+        p = idx.leaves_only(p)
     return p.movedim(last, dim)
 
 
@@ -415,9 +539,12 @@ def hierarchy_top_prediction(probs: torch.Tensor | np.ndarray | Sequence[float],
     values; ``thresh``: float (Darknet's ``-hier`` threshold, default 0.5);
     ``stride``: int >= 1. Returns a node index in ``0..n-1``.
 
+    Runs :meth:`TreeIndex.top_prediction` (the same walk for many rows at once) on
+    the one row.
+
     Raises :class:`TreeError` if ``probs`` is too short, ``stride < 1``, or the
-    walk revisits a group (possible only with ``thresh < 0`` and a group whose
-    values are all <= 0, where Darknet loops forever).
+    walk never ends: it revisits a group (possible only with ``thresh < 0`` and a
+    group whose values are all <= 0), where Darknet loops forever.
     """
     if isinstance(probs, torch.Tensor):
         arr = probs.detach().to("cpu").reshape(-1).numpy().astype(np.float32)
@@ -429,35 +556,12 @@ def hierarchy_top_prediction(probs: torch.Tensor | np.ndarray | Sequence[float],
     if arr.size < need:
         raise TreeError(f"hierarchy_top_prediction: {arr.size} values given, need at least {need} "
                         f"(n={tree.n}, stride={stride})", path=tree.path)
-    f32 = np.float32
-    t = f32(thresh)
-    p = f32(1.0)
-    group = 0
-    seen: set[int] = set()
-    while True:
-        if group in seen:
-            raise TreeError(f"hierarchy_top_prediction: the walk returned to group {group} (thresh={thresh} "
-                            f"with no positive value in a group); Darknet would loop forever",
-                            path=tree.path)
-        seen.add(group)
-        mx = f32(0.0)
-        max_i = 0
-        off = tree.group_offset[group]
-        for i in range(tree.group_size[group]):
-            val = arr[(i + off) * stride]
-            if val > mx:
-                max_i = i + off
-                mx = val
-        prod = f32(p * mx)
-        if prod > t:
-            p = prod
-            group = tree.child[max_i]
-            if tree.child[max_i] < 0:
-                return max_i
-        elif group == 0:
-            return max_i
-        else:
-            return tree.parent[tree.group_offset[group]]
+    row = torch.from_numpy(np.array(arr[:need:stride], dtype=np.float32))   # node j at j*stride
+    node = int(TreeIndex.of(tree, "cpu").top_prediction(row, thresh))
+    if node < 0:
+        raise TreeError(f"hierarchy_top_prediction: the walk returns to a group it visited (thresh={thresh} "
+                        f"with no positive value in a group); Darknet would loop forever", path=tree.path)
+    return node
 
 
 def alexeyab_region_tree_probs(probs: torch.Tensor, objectness: torch.Tensor, thresh: float, *,
@@ -483,17 +587,14 @@ def alexeyab_region_tree_probs(probs: torch.Tensor, objectness: torch.Tensor, th
     Shapes: ``probs`` ``(..., n, ...)`` with classes along ``dim`` = output of
     :func:`hierarchy_predictions` (``only_leaves=False``); ``objectness`` has
     ``probs``'s shape without ``dim``. Returns a tensor shaped like ``probs`` with at
-    most one non-zero entry per box.
+    most one non-zero entry per box (``objectness > thresh`` is compared in
+    objectness's dtype). Same computation as :meth:`TreeIndex.alexeyab_probs`.
+
+    Raises ``ValueError`` when ``objectness`` does not have that shape.
     """
     dim, end = dim % probs.dim(), probs.dim() - 1  # non-negative: valid ONNX Transpose
     p = probs.movedim(dim, end)
     if objectness.shape != p.shape[:-1]:
         raise ValueError(f"objectness has shape {tuple(objectness.shape)}, expected {tuple(p.shape[:-1])}")
-    n = p.shape[-1]
-    above = p > 0.5
-    last = (n - 1) - torch.argmax(above.flip(-1).to(torch.uint8), dim=-1)
-    keep = above.any(-1) & (objectness > torch.tensor(thresh, dtype=objectness.dtype))
-    out = torch.zeros_like(p)
-    val = torch.gather(p, -1, last.unsqueeze(-1))
-    out.scatter_(-1, last.unsqueeze(-1), torch.where(keep.unsqueeze(-1), val, torch.zeros_like(val)))
+    out = _highest_above_half(p, objectness, thresh, torch.arange(p.shape[-1], device=p.device))
     return out.movedim(end, dim)

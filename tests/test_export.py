@@ -12,9 +12,9 @@ import torch
 from darknetpy import boxes as B
 from darknetpy import load
 from darknetpy.export import (DEFAULT_OPSET, ExportCheckError, ExportError, _session,
-                              _TreeIndex, export_onnx, onnx_metadata, onnx_nms_reference,
-                              verify_onnx)
+                              export_onnx, onnx_metadata, onnx_nms_reference, verify_onnx)
 from darknetpy.layers.heads import RegionSpec
+from darknetpy.tree import TreeIndex
 from darknetpy.verify import compare, load_reference
 
 # Same allowance as test_reference.py: yolov4's last layers are 1.05e-3..1.41e-3 from
@@ -621,7 +621,7 @@ def test_tree_decoders_export_and_match_python(reference_dir, tmp_path):
     if not path.is_file():
         pytest.skip("9k.tree not in the reference data")
     tree = read_tree(path)
-    index = _TreeIndex(tree)
+    index = TreeIndex(tree)
 
     class Probe(torch.nn.Module):
         def __init__(self):
