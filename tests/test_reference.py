@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import logging
 
-import pytest
 
 from darknetpy import load
 from darknetpy.verify import load_reference, verify_model

@@ -278,8 +278,7 @@ def test_hierarchy_top_prediction_three_levels(tmp_path):
 
 
 # ------------------------------------------------------------ AlexeyAB region helper
-def test_alexeyab_region_tree_probs(tmp_path):
-    t = read_tree(write(tmp_path, SMALL))
+def test_alexeyab_region_tree_probs():
     p = torch.tensor([[0.9, 0.1, 0.6, 0.55, 0.1, 0.05, 0.05],
                       [0.4, 0.6, 0.1, 0.1, 0.1, 0.2, 0.4],
                       [0.9, 0.1, 0.6, 0.55, 0.1, 0.05, 0.05]])
