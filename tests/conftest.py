@@ -15,15 +15,27 @@ def reference_path() -> Path:
     return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 
 
+def missing_reference(message: str) -> None:
+    """Reference data a test needs is missing: skip locally, fail in CI (``CI=true``)."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def require_reference(path: Path) -> Path:
+    """``path`` (a file or directory of the reference data); :func:`missing_reference`
+    when it does not exist."""
+    if not path.exists():
+        missing_reference(f"{path} not in the reference data")
+    return path
+
+
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
     """The reference data directory. Missing: skipped locally, a failure in CI (CI=true)."""
     path = reference_path()
     if not (path / "cases").is_dir():
-        message = f"reference data not found at {path} (set {REFERENCE_ENV})"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        missing_reference(f"reference data not found at {path} (set {REFERENCE_ENV})")
     return path
 
 

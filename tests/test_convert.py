@@ -13,6 +13,8 @@ from darknetpy.convert import ConvertError, convert, parse_header_version, read_
 from darknetpy.errors import DarknetError
 from darknetpy.weights import WeightsHeader
 
+from conftest import missing_reference, require_reference
+
 
 def pytest_generate_tests(metafunc):
     """``real_weights`` runs once per ``reference/weights/<stem>.weights`` that has
@@ -29,9 +31,7 @@ def pytest_generate_tests(metafunc):
 @pytest.fixture
 def real(reference_dir, real_weights):
     """(weights path, cfg path) of one real model."""
-    w = reference_dir / "weights" / f"{real_weights}.weights"
-    if not w.is_file():
-        pytest.skip("no real weights in the reference data")
+    w = require_reference(reference_dir / "weights" / f"{real_weights}.weights")
     return w, reference_dir / "cfg" / "real" / f"{real_weights}.cfg"
 
 
@@ -89,10 +89,8 @@ def test_state_dict_keys_are_readable(real, tmp_path):
 
 
 def test_real_model_runs_the_same_from_every_format(reference_dir, tmp_path):
-    w = reference_dir / "weights" / "yolo-fastest-1.1.weights"
+    w = require_reference(reference_dir / "weights" / "yolo-fastest-1.1.weights")
     cfg = reference_dir / "cfg" / "real" / "yolo-fastest-1.1.cfg"
-    if not w.is_file():
-        pytest.skip("yolo-fastest-1.1.weights not in the reference data")
     model = load(cfg, w)
     x = torch.rand(1, 3, model.net.height, model.net.width,
                    generator=torch.Generator().manual_seed(1))
@@ -113,7 +111,7 @@ def _old_weights(reference_dir):
         w = reference_dir / "weights" / f"{stem}.weights"
         if w.is_file() and _header(w)[:2] == (0, 1):
             return w, reference_dir / "cfg" / "real" / f"{stem}.cfg"
-    pytest.skip("no 0.1-header weights in the reference data")
+    missing_reference("no 0.1-header weights in the reference data")
 
 
 def test_old_header_kept_by_default(reference_dir, tmp_path):
@@ -146,10 +144,8 @@ def test_old_header_rewritten_when_asked(reference_dir, tmp_path, via):
 
 
 def test_header_version_to_old_format_and_overflow(reference_dir, tmp_path):
-    w = reference_dir / "weights" / "yoloface-50k.weights"
+    w = require_reference(reference_dir / "weights" / "yoloface-50k.weights")
     cfg = reference_dir / "cfg" / "real" / "yoloface-50k.cfg"
-    if not w.is_file():
-        pytest.skip("yoloface-50k.weights not in the reference data")
     out = tmp_path / "old.weights"
     convert(w, out, cfg, header_version="0.1.0")
     old, new = w.read_bytes(), out.read_bytes()
@@ -162,10 +158,8 @@ def test_header_version_to_old_format_and_overflow(reference_dir, tmp_path):
 
 
 def test_pt_without_header_gets_0_2_5(reference_dir, tmp_path):
-    w = reference_dir / "weights" / "yoloface-50k.weights"
+    w = require_reference(reference_dir / "weights" / "yoloface-50k.weights")
     cfg = reference_dir / "cfg" / "real" / "yoloface-50k.cfg"
-    if not w.is_file():
-        pytest.skip("yoloface-50k.weights not in the reference data")
     model = load(cfg, w)
     torch.save(dict(model.state_dict()), tmp_path / "plain.pt")   # no metadata
     r = convert(tmp_path / "plain.pt", tmp_path / "out.weights", cfg)
@@ -177,11 +171,9 @@ def test_pt_without_header_gets_0_2_5(reference_dir, tmp_path):
 
 # -------------------------------------------------------------------- errors
 def test_errors_are_clear(reference_dir, tmp_path):
-    w = reference_dir / "weights" / "yoloface-50k.weights"
+    w = require_reference(reference_dir / "weights" / "yoloface-50k.weights")
     cfg = reference_dir / "cfg" / "real" / "yoloface-50k.cfg"
     other_cfg = reference_dir / "cfg" / "real" / "yolo-fastest-1.1.cfg"
-    if not w.is_file():
-        pytest.skip("yoloface-50k.weights not in the reference data")
     with pytest.raises(ConvertError, match="needs its cfg"):
         convert(w, tmp_path / "m.pt")
     convert(w, tmp_path / "m.pt", cfg)

@@ -17,6 +17,8 @@ from darknetpy.layers.heads import RegionSpec
 from darknetpy.tree import TreeIndex
 from darknetpy.verify import compare, load_reference
 
+from conftest import require_reference
+
 # Same allowance as test_reference.py: yolov4's last layers are 1.05e-3..1.41e-3 from
 # Darknet in torch arithmetic (Darknet's own float32 rounding); ORT's convolutions
 # round differently again, by the same order.
@@ -147,9 +149,7 @@ def test_case_exports_and_matches_reference(reference_dir, reference_case, case_
 # ------------------------------------------------------------------ small models
 @pytest.fixture(scope="module")
 def fastest(reference_dir):
-    w = reference_dir / "weights" / "yolo-fastest-1.1.weights"
-    if not w.is_file():
-        pytest.skip("yolo-fastest-1.1.weights not in the reference data")
+    w = require_reference(reference_dir / "weights" / "yolo-fastest-1.1.weights")
     return load(reference_dir / "cfg" / "real" / "yolo-fastest-1.1.cfg", w, width=160, height=160)
 
 
@@ -241,9 +241,7 @@ def test_unexportable_layer_is_named(fastest, tmp_path):
 
 
 def test_unsupported_options_are_named(reference_dir, tmp_path):
-    cfg = reference_dir / "cfg" / "pjreddie" / "yolo9000.cfg"
-    if not cfg.is_file():
-        pytest.skip("yolo9000.cfg not in the reference data")
+    cfg = require_reference(reference_dir / "cfg" / "pjreddie" / "yolo9000.cfg")
     model = load(cfg, width=96, height=96, tree=str(reference_dir / "names" / "9k.tree"))
     head = model.heads[0]
     with pytest.raises(ExportError, match=rf"layer {head} \[region\]: half=True is not supported"):
@@ -617,9 +615,7 @@ def test_classifier_layers_export(tmp_path):
 def test_tree_decoders_export_and_match_python(reference_dir, tmp_path):
     from darknetpy.tree import (alexeyab_region_tree_probs, hierarchy_predictions,
                                 hierarchy_top_prediction, read_tree, softmax_tree)
-    path = reference_dir / "names" / "9k.tree"
-    if not path.is_file():
-        pytest.skip("9k.tree not in the reference data")
+    path = require_reference(reference_dir / "names" / "9k.tree")
     tree = read_tree(path)
     index = TreeIndex(tree)
 

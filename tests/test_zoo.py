@@ -490,11 +490,8 @@ def test_table_entries():
 def tree_for(name: str):
     if name != "yolo9000":
         return None
-    from conftest import reference_path
-    tree = reference_path() / "names" / "9k.tree"
-    if not tree.is_file():
-        pytest.skip(f"yolo9000.cfg needs 9k.tree, not found at {tree}")
-    return str(tree)
+    from conftest import reference_path, require_reference
+    return str(require_reference(reference_path() / "names" / "9k.tree"))
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_NAMES))
